@@ -1,0 +1,44 @@
+# dve — `make help` lists the targets. The first target that needs Python creates .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
+
+.PHONY: help venv test test-slow lint format reproduce train clean-runs
+
+help: ## List targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps ai2-olmo==0.6.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create the virtual environment (once; a stamp file skips it afterwards)
+
+test: $(STAMP) ## Run the default test suite (offline, CPU, no slow/gpu tests)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: $(STAMP) ## Run the slow science tests too
+	$(PY) -m pytest -m "not gpu" -q
+
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: $(STAMP) ## Apply ruff formatting and safe fixes
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts
+
+train: $(STAMP) ## Train the default MNIST experiment
+	$(VENV)/bin/dve train experiment=mnist_mlp
+
+reproduce: $(STAMP) ## Regenerate every committed result and figure under results/
+	$(VENV)/bin/dve train experiment=mnist_mlp
+
+clean-runs: ## Delete run outputs (results/runs/)
+	rm -rf results/runs

@@ -1,0 +1,3 @@
+from dve_repro.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""Gradient capture: projected per-sample gradients of every step, stored for Algorithm 1.
+
+Artifacts (in a ``grads/`` folder of the training run, or of the embedding run when the
+gradients are recomputed after training):
+
+* ``G.npy`` — [N_occ, p̃] memory-mapped, rows in occurrence order (step-major, batch order),
+  the projected ``g_t(z) = ∇ℓ(θ_t, z)`` of each occurrence.
+* ``F.npy`` — [N_f, p̃] curvature factor rows for Gauss-Newton (``C`` rows per point:
+  ``√p_c ∇ℓ(θ_t, z, y=c)``, so that ``Σ_c`` of their outer products is the GN matrix of a
+  softmax cross-entropy) or the Monte-Carlo Fisher (``k`` rows per point:
+  ``∇ℓ(θ_t, z, ỹ_j)/√k`` with ``ỹ_j`` drawn from the model's prediction). Absent for the
+  empirical Fisher, whose factors are ``G`` itself.
+* ``done.npy`` — [T] bool done-mask, written (atomically) after the rows it covers are
+  flushed, so an interrupted capture resumes where it stopped.
+* ``meta.json`` — projection description, curvature, shapes, dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dve_repro import artifacts
+from dve_repro.errors import ArtifactError, DveError
+from dve_repro.grads import (
+    Block,
+    LinearFactorHooks,
+    per_sample_grads_func,
+)
+from dve_repro.projection import Projector, check_compatible
+from dve_repro.tasks import Task
+
+
+class Featurizer:
+    """Projected per-sample gradients of a task's model: ``[B, p̃]`` rows."""
+
+    def __init__(self, task: Task, blocks: list[Block], projector: Projector, engine: str = "auto"):
+        self.task, self.blocks, self.projector = task, blocks, projector
+        all_linear = all(b.kind == "linear" for b in blocks)
+        if engine == "auto":
+            engine = "hooks" if all_linear else "func"
+        if engine == "hooks" and not all_linear:
+            raise DveError("embed.engine=hooks needs a model whose captured layers are all nn.Linear; use embed.engine=func")
+        self.engine = engine
+
+    def from_factors(self, factors: dict) -> torch.Tensor:
+        return self.projector.project_factors(factors)
+
+    def features(self, params: dict, x: torch.Tensor, y: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``r_i ∇ℓ(θ, x_i, y_i)`` (``r_i`` = ``row_weights`` or 1), projected: [B, p̃]."""
+        task = self.task
+        if self.engine == "hooks":
+            p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            ones = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
+            r = ones if row_weights is None else row_weights
+            with LinearFactorHooks(task.model, self.blocks) as hooks:
+                (task.per_sample_loss(p, x, y) * r).sum().backward()
+            return self.from_factors(hooks.factors(ones))
+        grads = per_sample_grads_func(task.per_sample_loss, params, x, y, self.blocks)
+        out = self.projector.project_blocks(grads)
+        return out if row_weights is None else out * row_weights[:, None]
+
+    def curvature(self, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int, seed: int) -> torch.Tensor:
+        """Curvature factor rows, point-major: [B·R, p̃] (R = C for gn, k for mc)."""
+        task = self.task
+        with torch.no_grad():
+            logits = task.logits(params, x)
+            probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
+        if kind == "gn":
+            if task.kind != "classify":
+                raise DveError("embed.curvature=gn is defined for classifiers; use ef or mc for language models")
+            C = probs.shape[-1]
+            rows = [self.features(params, x, torch.full_like(y, c), probs[:, c].sqrt()) for c in range(C)]
+        elif kind == "mc":
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            rows = []
+            for _ in range(k):
+                flat = probs.reshape(-1, probs.shape[-1]).double().cpu()
+                draw = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(y.device)
+                if task.kind == "lm":
+                    # token s+1 is predicted at position s: targets are shifted by one
+                    draw = torch.cat([y[:, :1], draw[:, :-1]], dim=1)
+                scale = torch.full((x.shape[0],), 1.0 / math.sqrt(k), dtype=probs.dtype, device=x.device)
+                rows.append(self.features(params, x, draw, scale))
+        else:
+            raise ValueError(kind)
+        return torch.stack(rows, dim=1).reshape(-1, rows[0].shape[-1])
+
+
+def curvature_rows_per_point(kind: str, n_classes: int, mc_samples: int) -> int:
+    return {"ef": 0, "gn": n_classes, "mc": mc_samples}[kind]
+
+
+class GradientStore:
+    """Memory-mapped per-occurrence rows with a per-step done-mask (see module docstring)."""
+
+    def __init__(self, folder: Path, offsets: np.ndarray, dim: int, meta: dict, rows_per_point: int = 0,
+                 dtype: str = "float64"):
+        self.folder = Path(folder)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.T = len(self.offsets) - 1
+        self.dim = dim
+        self.rpp = rows_per_point
+        self.meta = {**meta, "dim": dim, "rows_per_point": rows_per_point, "dtype": dtype,
+                     "n_rows": int(self.offsets[-1]), "steps": self.T}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path = self.folder / "meta.json"
+        fresh = not meta_path.is_file()
+        if not fresh:
+            saved = artifacts.read_json(meta_path)
+            if saved != self.meta:
+                if saved.get("projection") != self.meta.get("projection"):
+                    check_compatible(saved.get("projection", {}), self.meta.get("projection", {}), str(self.folder))
+                raise ArtifactError(f"{self.folder} holds gradients of another configuration; delete it or use --force")
+        np_dtype = np.dtype(dtype)
+        self.G = self._open("G.npy", (int(self.offsets[-1]), dim), np_dtype, fresh)
+        self.F = self._open("F.npy", (int(self.offsets[-1]) * rows_per_point, dim), np_dtype, fresh) if rows_per_point else None
+        done_path = self.folder / "done.npy"
+        if fresh or not done_path.is_file():
+            self.done = np.zeros(self.T, dtype=bool)
+        else:
+            self.done = np.load(done_path)
+            if self.done.shape != (self.T,):
+                raise ArtifactError(f"{done_path} does not match the trajectory ({self.done.shape} vs {self.T} steps)")
+        if fresh:
+            artifacts.write_json(meta_path, self.meta)
+
+    def _open(self, name: str, shape: tuple, dtype, fresh: bool):
+        path = self.folder / name
+        if fresh or not path.is_file():
+            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        try:
+            arr = np.load(path, mmap_mode="r+")
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(f"corrupt or truncated gradient file {path}: {exc}") from None
+        if arr.shape != shape or arr.dtype != dtype:
+            raise ArtifactError(f"{path} has shape {arr.shape}, expected {shape}")
+        return arr
+
+    @classmethod
+    def open_existing(cls, folder: Path) -> GradientStore:
+        meta = artifacts.read_json(Path(folder) / "meta.json")
+        offsets = np.load(Path(folder) / "offsets.npy")
+        keep = {k: v for k, v in meta.items() if k not in ("dim", "rows_per_point", "dtype", "n_rows", "steps")}
+        return cls(folder, offsets, meta["dim"], keep, meta["rows_per_point"], meta["dtype"])
+
+    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None) -> None:
+        a, b = self.offsets[t], self.offsets[t + 1]
+        self.G[a:b] = rows.detach().to("cpu", torch.float64 if self.G.dtype == np.float64 else torch.float32).numpy()
+        if self.F is not None:
+            if curv is None:
+                raise ValueError("curvature rows required")
+            self.F[a * self.rpp : b * self.rpp] = curv.detach().cpu().to(torch.float64).numpy()
+        self.done[t] = False  # marked by commit() after the flush
+
+    def commit(self, steps: list[int] | range) -> None:
+        """Flush rows to disk, then record the steps as done (atomic done-mask)."""
+        self.G.flush()
+        if self.F is not None:
+            self.F.flush()
+        for t in steps:
+            self.done[t] = True
+        with artifacts.atomic_path(self.folder / "done.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, self.done)
+        if not (self.folder / "offsets.npy").is_file():
+            with artifacts.atomic_path(self.folder / "offsets.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, self.offsets)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def f_offsets(self) -> np.ndarray | None:
+        return None if self.F is None else self.offsets * self.rpp
+
+    def nbytes(self) -> int:
+        return int(self.G.nbytes + (self.F.nbytes if self.F is not None else 0))

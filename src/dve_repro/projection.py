@@ -1,0 +1,164 @@
+"""Random projections of per-sample gradients, regenerated from a seed and never stored.
+
+* ``none`` — the exact gradient in the layout of ``grads.py`` (p̃ = p).
+* ``dense`` — ``P g`` with ``P`` [k, p] i.i.d. N(0, 1/k), generated ``chunk_size`` columns
+  at a time from ``(seed, chunk)``, so the whole matrix never exists in memory;
+  ``E[PᵀP] = I`` keeps inner products in expectation.
+* ``kronecker`` — per linear layer (LoGra-style), ``P_out G P_inᵀ`` with ``P_out`` [k_out, d_out]
+  and ``P_in`` [k_in, d_in + 1], each N(0, 1/k) from ``(seed, layer)``. For the factorised
+  gradient ``G = Σ_s b_s a_sᵀ`` this is ``Σ_s (P_out b_s)(P_in a_s)ᵀ``: k_out·k_in numbers per
+  layer computed from the factors alone. It equals dense projection with the matrix
+  ``P_out ⊗ P_in``. A factor whose size is ≤ k is kept exactly (identity).
+
+The same projector serves training and query gradients; :meth:`Projector.describe` is saved
+with every embedding so that a query projected differently is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dve_repro.config import ProjectionConfig
+from dve_repro.errors import DveError
+from dve_repro.grads import Block, layout_dim
+
+
+def _gaussian(rows: int, cols: int, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    m = torch.randn(rows, cols, generator=gen, dtype=torch.float64) / math.sqrt(rows)
+    return m.to(dtype=dtype, device=device)
+
+
+def _seed(base: int, *parts: int) -> int:
+    # A stable mix of integers into one 63-bit seed (no Python hash randomisation).
+    s = base & 0x7FFFFFFFFFFFFFFF
+    for p in parts:
+        s = (s * 6364136223846793005 + p + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
+    return s
+
+
+class Projector:
+    """Maps per-sample gradients (materialised blocks or linear-layer factors) to [B, p̃]."""
+
+    def __init__(self, cfg: ProjectionConfig, blocks: list[Block]):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.p = layout_dim(blocks)
+        self._cache: dict = {}
+        if cfg.kind == "dense" and cfg.dim > self.p:
+            raise DveError(f"projection.dim={cfg.dim} is larger than the gradient (p={self.p})")
+        if cfg.kind == "kronecker":
+            other = [b.name for b in blocks if b.kind != "linear"]
+            if other:
+                raise DveError(
+                    f"kronecker projection needs linear layers only, but {other[:3]} are not; "
+                    "use projection.kind=dense or none"
+                )
+        self.block_dims = [self._out_dim(b) for b in blocks]
+        self.dim = sum(self.block_dims)
+
+    def _out_dim(self, b: Block) -> int:
+        if self.cfg.kind == "none":
+            return b.size
+        if self.cfg.kind == "dense":
+            return 0  # dense projects the whole vector, not blocks
+        d_out, d_in = b.shape
+        return min(self.cfg.k_out, d_out) * min(self.cfg.k_in, d_in)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.dim if self.cfg.kind == "dense" else self.dim
+
+    def block_slices(self) -> list[slice]:
+        """Column ranges of each layer in the projected vector (for one M per layer)."""
+        if self.cfg.kind == "dense":
+            return [slice(0, self.cfg.dim)]  # dense mixes layers: one block only
+        out, start = [], 0
+        for d in self.block_dims:
+            out.append(slice(start, start + d))
+            start += d
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.cfg.kind,
+            "dim": self.out_dim,
+            "k_in": self.cfg.k_in,
+            "k_out": self.cfg.k_out,
+            "seed": self.cfg.seed,
+            "layout": [[b.name, list(b.shape)] for b in self.blocks],
+        }
+
+    # -- the matrices (regenerated on demand, cached per dtype/device for speed) --
+
+    def kron_factors(self, i: int, dtype, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        key = ("kron", i, dtype, str(device))
+        if key not in self._cache:
+            d_out, d_in = self.blocks[i].shape
+            k_out, k_in = min(self.cfg.k_out, d_out), min(self.cfg.k_in, d_in)
+            p_out = None if k_out == d_out else _gaussian(k_out, d_out, _seed(self.cfg.seed, i, 0), dtype, device)
+            p_in = None if k_in == d_in else _gaussian(k_in, d_in, _seed(self.cfg.seed, i, 1), dtype, device)
+            self._cache[key] = (p_out, p_in)
+        return self._cache[key]
+
+    def dense_chunk(self, c: int, dtype, device) -> torch.Tensor:
+        """Columns [c·chunk, (c+1)·chunk) of the dense matrix P [k, p]."""
+        start = c * self.cfg.chunk_size
+        cols = min(self.cfg.chunk_size, self.p - start)
+        return _gaussian(self.cfg.dim, cols, _seed(self.cfg.seed, c, 7), dtype, device)
+
+    # -- projecting --
+
+    def project_flat(self, g: torch.Tensor) -> torch.Tensor:
+        """[B, p] gradients in layout order → [B, p̃]."""
+        if self.cfg.kind == "none":
+            return g
+        if self.cfg.kind == "dense":
+            out = torch.zeros(g.shape[0], self.cfg.dim, dtype=g.dtype, device=g.device)
+            for c, start in enumerate(range(0, self.p, self.cfg.chunk_size)):
+                chunk = self.dense_chunk(c, g.dtype, g.device)
+                out += g[:, start : start + chunk.shape[1]] @ chunk.T
+            return out
+        parts, start = [], 0
+        for i, b in enumerate(self.blocks):
+            gb = g[:, start : start + b.size].reshape(-1, *b.shape)
+            start += b.size
+            p_out, p_in = self.kron_factors(i, g.dtype, g.device)
+            if p_out is not None:
+                gb = p_out @ gb
+            if p_in is not None:
+                gb = gb @ p_in.T
+            parts.append(gb.flatten(1))
+        return torch.cat(parts, dim=1)
+
+    def project_blocks(self, block_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{block: [B, size]} → [B, p̃]."""
+        return self.project_flat(torch.cat([block_grads[b.name] for b in self.blocks], dim=1))
+
+    def project_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hook factors {block: (a [B,S,d_in+1], b [B,S,d_out])} → [B, p̃] without forming
+        the per-sample gradient when the projection is Kronecker."""
+        if self.cfg.kind != "kronecker":
+            from dve_repro.grads import factors_to_grads
+
+            return self.project_blocks(factors_to_grads(factors))
+        parts = []
+        for i, blk in enumerate(self.blocks):
+            a, b = factors[blk.name]
+            p_out, p_in = self.kron_factors(i, a.dtype, a.device)
+            if p_in is not None:
+                a = a @ p_in.T  # [B, S, k_in]
+            if p_out is not None:
+                b = b @ p_out.T  # [B, S, k_out]
+            parts.append(torch.einsum("bso,bsi->boi", b, a).flatten(1))
+        return torch.cat(parts, dim=1)
+
+
+def check_compatible(saved: dict, current: dict, what: str) -> None:
+    """Refuse to mix gradients projected in different ways."""
+    if saved != current:
+        keys = [k for k in set(saved) | set(current) if saved.get(k) != current.get(k)]
+        shown = ", ".join(f"{k}: saved={saved.get(k)!r} now={current.get(k)!r}" for k in sorted(keys)[:3])
+        raise DveError(f"{what} was made with another projection ({shown})")

@@ -1,0 +1,129 @@
+"""Replay engine: re-execute a recorded run, optionally leaving points out of steps.
+
+Reads a finished training run directory (config, trajectory, checkpoints). Resumes from
+the nearest checkpoint at or before the first step that matters and re-executes the
+recorded steps with :func:`dve_repro.train.train_step`, the function training used, so
+that a replay with nothing removed reproduces θ_T bit for bit.
+
+Removal (SPEC §1): ``removals = {t: [i, …]}`` leaves training index i out of step t by
+giving it loss weight 0. ``renormalize=False`` keeps |B_t| as the denominator, so the
+update of step t is the full update minus exactly ``η_t/|B_t| ∇ℓ(θ_t, z_i)``;
+``renormalize=True`` averages over the points that remain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dve_repro import artifacts
+from dve_repro.config import Config, from_dict
+from dve_repro.errors import ArtifactError, DveError
+from dve_repro.tasks import Task, build_task, resolve_device
+from dve_repro.trajectory import Trajectory, load_checkpoint
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainedRun:
+    """A finished training run, loaded and checked for consistency."""
+
+    path: Path
+    cfg: Config
+    task: Task
+    traj: Trajectory
+    checkpoints: list[int]
+    device: str
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | None = None) -> TrainedRun:
+        path = Path(run_dir)
+        if not path.is_dir():
+            raise ArtifactError(f"run directory not found: {path}")
+        if not (path / artifacts.DONE).is_file():
+            raise ArtifactError(f"{path} has no DONE marker: training did not finish; rerun `dve train` with the same config")
+        saved = artifacts.read_json(path / "config.json")
+        cfg = from_dict(saved["config"])
+        device = resolve_device(device or cfg.runtime.device)
+        task = build_task(cfg, device)
+        traj = Trajectory.load(path)
+        ckpts = traj.check_checkpoints(path)
+        flat = np.concatenate(traj.batches) if len(traj) else np.zeros(0, np.int64)
+        if len(flat) and (flat.min() < 0 or flat.max() >= task.n_train):
+            raise ArtifactError(f"trajectory of {path} names training indices outside [0, {task.n_train})")
+        return cls(path, cfg, task, traj, ckpts, device)
+
+    @property
+    def T(self) -> int:
+        return len(self.traj)
+
+    def nearest_checkpoint(self, step: int) -> int:
+        """Latest checkpoint at or before ``step``."""
+        return max(c for c in self.checkpoints if c <= step)
+
+    def load_params(self, step: int) -> tuple[Tensors, Tensors]:
+        params, state = load_checkpoint(self.path, step, self.device)
+        expected = {k: tuple(v.shape) for k, v in self.task.model.named_parameters()}
+        got = {k: tuple(v.shape) for k, v in params.items()}
+        if got != expected:
+            raise ArtifactError(f"checkpoint of step {step} in {self.path} does not fit the model of its config")
+        dtype = next(self.task.model.parameters()).dtype
+        return ({k: v.to(dtype) for k, v in params.items()}, {k: v.to(dtype) for k, v in state.items()})
+
+    def final_params(self) -> Tensors:
+        return self.load_params(self.T)[0]
+
+
+def check_removals(run: TrainedRun, removals: dict[int, list[int]]) -> None:
+    for t, idx in removals.items():
+        if not 0 <= t < run.T:
+            raise DveError(f"step {t} is outside the trajectory [0, {run.T})")
+        for i in idx:
+            if not 0 <= i < run.task.n_train:
+                raise DveError(f"training index {i} is outside the training set [0, {run.task.n_train})")
+
+
+def replay(
+    run: TrainedRun,
+    *,
+    removals: dict[int, list[int]] | None = None,
+    renormalize: bool = False,
+    start: int | None = None,
+    stop: int | None = None,
+    before_step: Callable[[int, Tensors], None] | None = None,
+) -> tuple[Tensors, Tensors]:
+    """Re-execute steps [start, stop) and return (θ_stop, optimizer state).
+
+    ``start`` defaults to the latest checkpoint at or before the first removed step (0
+    when nothing is removed); it must itself be a checkpoint. ``before_step(t, θ_t)`` is
+    called with the parameters before each step (for gradient capture and unrolling).
+    """
+    from dve_repro.train import train_step
+
+    removals = {int(t): list(v) for t, v in (removals or {}).items() if len(v)}
+    check_removals(run, removals)
+    stop = run.T if stop is None else stop
+    if start is None:
+        start = run.nearest_checkpoint(min(removals) if removals else 0)
+    if start not in run.checkpoints:
+        raise ArtifactError(
+            f"replay from step {start} needs its checkpoint; {run.path} has {run.checkpoints[:8]} "
+            "(retrain with trajectory.checkpoint_every set to include it)"
+        )
+    if removals and min(removals) < start:
+        raise DveError(f"cannot remove points from step {min(removals)} when replaying from step {start}")
+    params, state = run.load_params(start)
+    torch.use_deterministic_algorithms(True)
+    cfg, task, traj = run.cfg, run.task, run.traj
+    for t in range(start, stop):
+        x, y = task.batch(traj.batches[t])
+        w = traj.weights(t, removals.get(t, ()), renormalize, dtype=task.weight_dtype, device=run.device)
+        if before_step is not None:
+            before_step(t, params)
+        params, state, _ = train_step(task, params, state, t, x, y, w, float(traj.lrs[t]), cfg)
+    return params, state

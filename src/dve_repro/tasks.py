@@ -1,0 +1,118 @@
+"""A *task* binds a dataset to a model and a per-sample loss.
+
+Every later stage (training, replay, capture, scoring, retraining, baselines) talks to a
+model only through :class:`Task`: ``batch(indices)`` fetches inputs and targets by training
+index, ``per_sample_loss(params, x, y)`` returns one loss per sample ``[B]`` through
+``torch.func.functional_call`` (so parameters are plain tensors that can be replaced,
+stacked or differentiated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from dve_repro.config import Config, ImageDataConfig, torch_dtype
+
+
+@dataclass
+class Task:
+    kind: str  # classify | lm
+    model: nn.Module
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    n_classes: int
+    description: str
+    extra: dict = field(default_factory=dict)  # e.g. noisy indices, text fingerprint
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of per-sample loss weights: the parameters' dtype (float32 under autocast)."""
+        p = next(self.model.parameters())
+        return p.dtype if p.dtype != torch.bfloat16 else torch.float32
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.as_tensor(idx, dtype=torch.long, device=self.x_train.device)
+        return self.x_train[i], self.y_train[i]
+
+    def logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.model, params, (x,))
+        return out.logits if hasattr(out, "logits") else out
+
+    def per_sample_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ(θ, z) for each sample: cross-entropy [B] (token-mean per sequence for LMs)."""
+        logits = self.logits(params, x)
+        if self.kind == "classify":
+            return F.cross_entropy(logits, y, reduction="none")
+        # Causal LM: predict token s+1 from tokens ≤ s; y holds the targets [B, S].
+        lg = logits[:, :-1].float() if logits.dtype == torch.bfloat16 else logits[:, :-1]
+        tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y[:, 1:].reshape(-1), reduction="none")
+        return tok.view(y.shape[0], -1).mean(dim=1)
+
+    @torch.no_grad()
+    def evaluate(self, params: dict, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
+        """(mean loss, accuracy) over a set; accuracy is NaN for LMs."""
+        losses, correct = [], 0
+        for s in range(0, x.shape[0], chunk):
+            xb, yb = x[s : s + chunk], y[s : s + chunk]
+            losses.append(self.per_sample_loss(params, xb, yb))
+            if self.kind == "classify":
+                correct += int((self.logits(params, xb).argmax(-1) == yb).sum())
+        loss = float(torch.cat(losses).mean()) if losses else float("nan")
+        acc = correct / x.shape[0] if self.kind == "classify" and x.shape[0] else float("nan")
+        return loss, acc
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from dve_repro.errors import DveError
+
+        raise DveError("runtime.device=cuda but no CUDA device is available; use runtime.device=cpu")
+    return name
+
+
+def build_task(cfg: Config, device: str = "cpu") -> Task:
+    """Load the configured data and build the model (θ_0) on ``device``."""
+    dtype = torch_dtype(cfg.train.dtype)
+    if isinstance(cfg.data, ImageDataConfig):
+        from dve_repro.data import load_image_data
+        from dve_repro.models import build_model
+
+        data = load_image_data(cfg.data).to(dtype, device)
+        model = build_model(cfg.model, dtype).to(device)
+        return Task(
+            kind="classify",
+            model=model,
+            x_train=data.x_train,
+            y_train=data.y_train,
+            x_val=data.x_val,
+            y_val=data.y_val,
+            n_classes=data.n_classes,
+            description=data.description,
+            extra={
+                "noisy_indices": data.noisy_indices,
+                "true_labels": data.true_labels,
+                "x_test": data.x_test,
+                "y_test": data.y_test,
+            },
+        )
+    from dve_repro.lm import build_lm_task
+
+    return build_lm_task(cfg, device)
+
+
+def initial_params(task: Task) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in task.model.named_parameters()}

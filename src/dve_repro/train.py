@@ -1,0 +1,212 @@
+"""Training stage: run SGD/AdamW and write down the trajectory.
+
+Reads the config; writes a run directory ``<out_root>/<name>/train-<fingerprint>/``:
+
+* ``config.json``, ``env.json`` — resolved config and environment;
+* ``trajectory.parquet`` — every step's batch indices, learning rate and loss (see
+  ``trajectory.py``), rewritten atomically at each checkpoint;
+* ``checkpoints/step_*.safetensors`` — θ_t and optimizer state on the checkpoint schedule
+  (always θ_0 and θ_T);
+* ``metrics.csv`` — per epoch: train/val loss and accuracy;
+* ``labels.json`` — flipped training indices and their true labels (label noise);
+* ``grads/`` — projected per-sample gradients when ``trajectory.capture=true``;
+* ``DONE`` — written last.
+
+One function, :func:`train_step`, executes a step for both training and replay, so a
+replay re-runs the very same floating-point operations (bit-for-bit, SPEC §5).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dve_repro import artifacts, ui
+from dve_repro.config import Config, stage_payload, fingerprint, to_dict
+from dve_repro.errors import ArtifactError
+from dve_repro.grads import LinearFactorHooks
+from dve_repro.optim import init_state, lr_schedule, update
+from dve_repro.tasks import Task, build_task, initial_params, resolve_device
+from dve_repro.trajectory import (
+    TRAJECTORY,
+    checkpoint_schedule,
+    list_checkpoints,
+    load_checkpoint,
+    plan_batches,
+    rows_to_frame,
+    save_checkpoint,
+)
+
+Tensors = dict[str, torch.Tensor]
+
+
+def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
+    """Per-sample losses [B] at θ and ∇_θ Σ_i w_i ℓ_i (w_i = 1/|B| for the mean loss)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    losses = task.per_sample_loss(p, x, y)
+    grads = torch.autograd.grad((losses * w).sum(), list(p.values()))
+    return losses.detach(), dict(zip(p, grads, strict=True))
+
+
+def train_step(task: Task, params: Tensors, state: Tensors, t: int, x, y, w: torch.Tensor, lr: float,
+               cfg: Config) -> tuple[Tensors, Tensors, torch.Tensor]:
+    """θ_{t+1} from θ_t: one optimizer step on the weighted batch loss. Returns losses [B] too."""
+    losses, grads = step_grads(task, params, x, y, w)
+    new_p, new_s = update(params, grads, state, lr, t, cfg.optim)
+    return {k: v.detach() for k, v in new_p.items()}, {k: v.detach() for k, v in new_s.items()}, losses
+
+
+def train_dir(cfg: Config) -> Path:
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "train", fingerprint(stage_payload(cfg, "train")))
+
+
+def _resume_point(run_dir: Path, n_steps: int) -> tuple[int, list[dict]]:
+    """Latest checkpoint whose trajectory rows are all on disk (0 if none)."""
+    ckpts = list_checkpoints(run_dir)
+    traj_path = run_dir / TRAJECTORY
+    rows: list[dict] = []
+    if traj_path.is_file():
+        try:
+            rows = artifacts.load_table(traj_path).to_dict("records")
+        except ArtifactError:
+            rows = []
+    usable = [s for s in ckpts if s <= len(rows) and s <= n_steps]
+    start = max(usable) if usable else 0
+    return start, rows[:start]
+
+
+def run_training(cfg: Config, force: bool = False) -> Path:
+    """Train (or reuse / resume) the configured run; returns its directory."""
+    device = resolve_device(cfg.runtime.device)
+    payload = stage_payload(cfg, "train")
+    run = artifacts.RunDir(train_dir(cfg), payload)
+    if run.done and not force:
+        run.prepare(to_dict(cfg), device)  # refuses a mismatched config
+        ui.log(f"reusing finished training run {run.path}")
+        return run.path
+    run.prepare(to_dict(cfg), device, force=force)
+    torch.use_deterministic_algorithms(True)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+
+    task = build_task(cfg, device)
+    plan = plan_batches(task.n_train, cfg.train)
+    T = len(plan)
+    lrs = lr_schedule(cfg.schedule, cfg.optim.lr, T)
+    ckpts = set(checkpoint_schedule(plan, cfg.trajectory))
+    artifacts.write_json(run.file("labels.json"), {
+        "noisy_indices": np.asarray(task.extra.get("noisy_indices", [])).tolist(),
+        "true_labels": np.asarray(task.extra.get("true_labels", [])).tolist(),
+        "data": task.description,
+    })
+
+    start, rows = (0, []) if force else _resume_point(run.path, T)
+    if start > 0:
+        params, state = load_checkpoint(run.path, start, device)
+        ui.log(f"resuming {run.path.name} from step {start}/{T}")
+    else:
+        params = initial_params(task)
+        state = init_state(params, cfg.optim)
+        save_checkpoint(run.path, 0, params, state)
+
+    capture = _make_capture(cfg, task, run.path, plan) if cfg.trajectory.capture else None
+    metrics = _load_metrics(run.path, plan[start - 1].epoch if start else -1)
+    epoch_losses: list[float] = [r["loss"] for r in rows if r["epoch"] == (plan[start].epoch if start < T else -1)]
+    t0 = time.perf_counter()
+    with ui.bar("train", total=T, unit="step", completed=start) as bar:
+        for t in range(start, T):
+            s = plan[t]
+            x, y = task.batch(s.indices)
+            w = torch.full((len(s.indices),), 1.0 / len(s.indices), dtype=task.weight_dtype, device=x.device)
+            if capture is not None:
+                params, state, losses = capture.step(task, params, state, t, x, y, w, lrs[t], cfg)
+            else:
+                params, state, losses = train_step(task, params, state, t, x, y, w, lrs[t], cfg)
+            loss = float(losses.mean())
+            rows.append({"step": t, "epoch": s.epoch, "pos": s.pos, "indices": s.indices.tolist(), "lr": lrs[t], "loss": loss})
+            epoch_losses.append(loss)
+            bar.update(1, loss=loss)
+            end_of_epoch = t + 1 == T or plan[t + 1].epoch != s.epoch
+            if end_of_epoch:
+                metrics.append(_epoch_metrics(task, params, s.epoch, t + 1, epoch_losses))
+                epoch_losses = []
+                m = metrics[-1]
+                ui.log(f"epoch {s.epoch}: train loss {m['train_loss']:.4f} acc {m['train_acc']:.3f} | val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}")
+            if t + 1 in ckpts:
+                save_checkpoint(run.path, t + 1, params, state)
+                if capture is not None:
+                    capture.store.commit(range(0, t + 1))
+                artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
+                artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics))
+    elapsed = time.perf_counter() - t0
+    run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
+                   "resumed_from": start})
+    ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.path}")
+    return run.path
+
+
+def _load_metrics(run_dir: Path, last_epoch: int) -> list[dict]:
+    path = run_dir / "metrics.csv"
+    if last_epoch < 0 or not path.is_file():
+        return []
+    return [m for m in artifacts.load_table(path).to_dict("records") if m["epoch"] <= last_epoch]
+
+
+def _epoch_metrics(task: Task, params: Tensors, epoch: int, step: int, batch_losses: list[float]) -> dict:
+    if task.kind == "classify":
+        tr_loss, tr_acc = task.evaluate(params, task.x_train, task.y_train)
+    else:
+        tr_loss, tr_acc = float(np.mean(batch_losses)), float("nan")
+    va_loss, va_acc = task.evaluate(params, task.x_val, task.y_val)
+    return {"epoch": epoch, "step": step, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss, "val_acc": va_acc}
+
+
+class _TrainCapture:
+    """Captures projected per-sample gradients inside the training step (no extra backward)."""
+
+    def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int):
+        self.featurizer, self.store = featurizer, store
+        self.curvature, self.mc_samples, self.mc_seed = curvature, mc_samples, mc_seed
+
+    def step(self, task, params, state, t, x, y, w, lr, cfg):
+        curv = None
+        if self.curvature != "ef":
+            curv = self.featurizer.curvature(params, x, y, self.curvature, self.mc_samples, self.mc_seed * 1_000_003 + t)
+        if self.featurizer.engine == "hooks":
+            with LinearFactorHooks(task.model, self.featurizer.blocks) as hooks:
+                new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
+            rows = self.featurizer.from_factors(hooks.factors(w))
+        else:
+            rows = self.featurizer.features(params, x, y)
+            new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
+        self.store.write(t, rows, curv)
+        return new_p, new_s, losses
+
+
+def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture:
+    from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point
+    from dve_repro.projection import Projector
+
+    blocks = capture_blocks(task)
+    projector = Projector(cfg.projection, blocks)
+    feat = Featurizer(task, blocks, projector, cfg.embed.engine)
+    offsets = np.concatenate([[0], np.cumsum([len(s.indices) for s in plan])])
+    rpp = curvature_rows_per_point(cfg.embed.curvature, task.n_classes, cfg.embed.mc_samples)
+    store = GradientStore(run_dir / "grads", offsets, projector.out_dim,
+                          {"projection": projector.describe(), "curvature": cfg.embed.curvature,
+                           "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
+                           "engine_layers": [b.name for b in blocks]},
+                          rpp, cfg.embed.storage_dtype)
+    return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed)
+
+
+def capture_blocks(task: Task):
+    """The gradient blocks DVEmb sees: all parameters of a classifier; an LM's chosen linears."""
+    from dve_repro.grads import gradient_layout
+
+    layers = task.extra.get("capture_layers")
+    return gradient_layout(task.model, layers)

@@ -1,0 +1,26 @@
+"""Shared fixtures: quiet output, a temporary matplotlib folder, tiny trained runs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
+os.environ["DVE_QUIET"] = "1"
+
+
+@pytest.fixture
+def out_root(tmp_path):
+    return str(tmp_path / "runs")
+
+
+@pytest.fixture
+def tiny(out_root):
+    """Overrides for a seconds-long MNIST run (embedded digits) writing under ``out_root``."""
+
+    def make(*extra: str) -> list[str]:
+        return ["experiment=tiny_mlp", f"runtime.out_root={out_root}", "runtime.progress=false", *extra]
+
+    return make
