@@ -84,6 +84,20 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, Any]:
         raise ArtifactError(f"corrupt or truncated safetensors file {path}: {exc}") from None
 
 
+def check_tensors(path: str | Path) -> None:
+    """Check that a safetensors file is complete (header and data) without reading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"corrupt or truncated safetensors file {path}: {exc}") from None
+
+
 def save_table(path: str | Path, df: Any) -> None:
     """Write a pandas DataFrame as parquet (``.parquet``) or CSV (``.csv``), atomically."""
     path = Path(path)
@@ -177,11 +191,12 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def prepare(self, config: dict[str, Any], device: str, force: bool = False) -> None:
-        """Create the folder (or check an existing one matches) and write config and env."""
+    def check(self) -> None:
+        """Refuse a folder whose saved payload differs from the request (writes nothing)."""
         saved_path = self.path / "config.json"
         if saved_path.is_file():
-            saved = read_json(saved_path).get("payload")
+            saved_obj = read_json(saved_path)
+            saved = saved_obj.get("payload") if isinstance(saved_obj, dict) else None
             if saved != self.payload:
                 diffs = _diff(saved, self.payload)
                 shown = "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
@@ -189,6 +204,11 @@ class RunDir:
                     f"{self.path} holds a run with another config ({shown}); "
                     "choose another directory or delete it"
                 )
+
+    def prepare(self, config: dict[str, Any], device: str, force: bool = False) -> None:
+        """Create the folder (or check an existing one matches) and write config and env."""
+        self.check()
+        saved_path = self.path / "config.json"
         if force and self.path.exists():
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,10 @@ class GradientStore:
                 if saved.get("projection") != self.meta.get("projection"):
                     check_compatible(saved.get("projection", {}), self.meta.get("projection", {}), str(self.folder))
                 raise ArtifactError(f"{self.folder} holds gradients of another configuration; delete it or use --force")
+            saved_offsets = self.folder / "offsets.npy"
+            if saved_offsets.is_file() and not np.array_equal(np.load(saved_offsets), self.offsets):
+                raise ArtifactError(f"{self.folder} holds gradients of another configuration (other batch sizes); "
+                                    "delete it or use --force")
         np_dtype = np.dtype(dtype)
         self.G = self._open("G.npy", (int(self.offsets[-1]), dim), np_dtype, fresh)
         self.F = self._open("F.npy", (int(self.offsets[-1]) * rows_per_point, dim), np_dtype, fresh) if rows_per_point else None

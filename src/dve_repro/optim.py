@@ -32,7 +32,9 @@ def init_state(params: Tensors, cfg: OptimConfig) -> Tensors:
 
 
 def global_norm(grads: Tensors) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    """‖g‖ over all tensors, summed in sorted-name order: dict order differs between a live
+    model (module order) and a checkpoint (sorted), and the rounding of the sum follows it."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k]) for k in sorted(grads)]))
 
 
 def clip(grads: Tensors, max_norm: float) -> tuple[Tensors, torch.Tensor]:

@@ -1,9 +1,10 @@
 """Random projections of per-sample gradients, regenerated from a seed and never stored.
 
 * ``none`` — the exact gradient in the layout of ``grads.py`` (p̃ = p).
-* ``dense`` — ``P g`` with ``P`` [k, p] i.i.d. N(0, 1/k), generated ``chunk_size`` columns
-  at a time from ``(seed, chunk)``, so the whole matrix never exists in memory;
-  ``E[PᵀP] = I`` keeps inner products in expectation.
+* ``dense`` — ``P g`` with ``P`` [k, p] i.i.d. N(0, 1/k). Columns are generated in fixed
+  blocks of :data:`DENSE_BLOCK` from ``(seed, block)``, so ``P`` depends on the seed only;
+  ``chunk_size`` (speed/memory only) groups whole blocks per matmul and the whole matrix
+  never exists in memory. ``E[PᵀP] = I`` keeps inner products in expectation.
 * ``kronecker`` — per linear layer (LoGra-style), ``P_out G P_inᵀ`` with ``P_out`` [k_out, d_out]
   and ``P_in`` [k_in, d_in + 1], each N(0, 1/k) from ``(seed, layer)``. For the factorised
   gradient ``G = Σ_s b_s a_sᵀ`` this is ``Σ_s (P_out b_s)(P_in a_s)ᵀ``: k_out·k_in numbers per
@@ -23,6 +24,9 @@ import torch
 from dve_repro.config import ProjectionConfig
 from dve_repro.errors import DveError
 from dve_repro.grads import Block, layout_dim
+
+# Columns of the dense matrix generated per seed: fixed, so that P never depends on chunk_size.
+DENSE_BLOCK = 4096
 
 
 def _gaussian(rows: int, cols: int, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -82,7 +86,7 @@ class Projector:
         return out
 
     def describe(self) -> dict:
-        return {
+        out = {
             "kind": self.cfg.kind,
             "dim": self.out_dim,
             "k_in": self.cfg.k_in,
@@ -90,6 +94,11 @@ class Projector:
             "seed": self.cfg.seed,
             "layout": [[b.name, list(b.shape)] for b in self.blocks],
         }
+        if self.cfg.kind == "dense":
+            # Names the column-block scheme: gradients projected by the earlier per-chunk_size
+            # scheme carry no such key and are refused instead of mixed with these.
+            out["dense_block"] = DENSE_BLOCK
+        return out
 
     # -- the matrices (regenerated on demand, cached per dtype/device for speed) --
 
@@ -103,11 +112,20 @@ class Projector:
             self._cache[key] = (p_out, p_in)
         return self._cache[key]
 
-    def dense_chunk(self, c: int, dtype, device) -> torch.Tensor:
-        """Columns [c·chunk, (c+1)·chunk) of the dense matrix P [k, p]."""
-        start = c * self.cfg.chunk_size
-        cols = min(self.cfg.chunk_size, self.p - start)
-        return _gaussian(self.cfg.dim, cols, _seed(self.cfg.seed, c, 7), dtype, device)
+    def dense_columns(self, start: int, stop: int, dtype, device) -> torch.Tensor:
+        """Columns [start, stop) of the dense matrix P [k, p], assembled from its fixed
+        :data:`DENSE_BLOCK`-column blocks (block j drawn from ``(seed, j)``)."""
+        parts = []
+        for j in range(start // DENSE_BLOCK, (stop - 1) // DENSE_BLOCK + 1):
+            b0 = j * DENSE_BLOCK
+            cols = min(DENSE_BLOCK, self.p - b0)
+            m = _gaussian(self.cfg.dim, cols, _seed(self.cfg.seed, j, 7), dtype, device)
+            parts.append(m[:, max(start, b0) - b0 : min(stop, b0 + cols) - b0])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def dense_step(self) -> int:
+        """Columns multiplied at a time: ``chunk_size`` rounded down to whole blocks (≥ 1 block)."""
+        return max(1, self.cfg.chunk_size // DENSE_BLOCK) * DENSE_BLOCK
 
     # -- projecting --
 
@@ -117,9 +135,10 @@ class Projector:
             return g
         if self.cfg.kind == "dense":
             out = torch.zeros(g.shape[0], self.cfg.dim, dtype=g.dtype, device=g.device)
-            for c, start in enumerate(range(0, self.p, self.cfg.chunk_size)):
-                chunk = self.dense_chunk(c, g.dtype, g.device)
-                out += g[:, start : start + chunk.shape[1]] @ chunk.T
+            step = self.dense_step()
+            for start in range(0, self.p, step):
+                stop = min(start + step, self.p)
+                out += g[:, start:stop] @ self.dense_columns(start, stop, g.dtype, g.device).T
             return out
         parts, start = [], 0
         for i, b in enumerate(self.blocks):

@@ -24,7 +24,7 @@ from dve_repro import artifacts
 from dve_repro.config import Config, from_dict
 from dve_repro.errors import ArtifactError, DveError
 from dve_repro.tasks import Task, build_task, resolve_device
-from dve_repro.trajectory import Trajectory, load_checkpoint
+from dve_repro.trajectory import Trajectory, ckpt_path, load_checkpoint
 
 Tensors = dict[str, torch.Tensor]
 
@@ -48,11 +48,15 @@ class TrainedRun:
         if not (path / artifacts.DONE).is_file():
             raise ArtifactError(f"{path} has no DONE marker: training did not finish; rerun `dve train` with the same config")
         saved = artifacts.read_json(path / "config.json")
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ArtifactError(f"{path / 'config.json'} holds no resolved config")
         cfg = from_dict(saved["config"])
         device = resolve_device(device or cfg.runtime.device)
         task = build_task(cfg, device)
         traj = Trajectory.load(path)
         ckpts = traj.check_checkpoints(path)
+        for step in ckpts:  # header and size only: a truncated file fails here, not mid-replay
+            artifacts.check_tensors(ckpt_path(path, step))
         flat = np.concatenate(traj.batches) if len(traj) else np.zeros(0, np.int64)
         if len(flat) and (flat.min() < 0 or flat.max() >= task.n_train):
             raise ArtifactError(f"trajectory of {path} names training indices outside [0, {task.n_train})")
@@ -108,6 +112,8 @@ def replay(
     removals = {int(t): list(v) for t, v in (removals or {}).items() if len(v)}
     check_removals(run, removals)
     stop = run.T if stop is None else stop
+    if not 0 <= stop <= run.T:
+        raise DveError(f"replay stop={stop} is outside [0, {run.T}]")
     if start is None:
         start = run.nearest_checkpoint(min(removals) if removals else 0)
     if start not in run.checkpoints:
@@ -115,6 +121,8 @@ def replay(
             f"replay from step {start} needs its checkpoint; {run.path} has {run.checkpoints[:8]} "
             "(retrain with trajectory.checkpoint_every set to include it)"
         )
+    if stop < start:
+        raise DveError(f"replay stop={stop} is before start={start}")
     if removals and min(removals) < start:
         raise DveError(f"cannot remove points from step {min(removals)} when replaying from step {start}")
     params, state = run.load_params(start)

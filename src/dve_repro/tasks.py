@@ -43,7 +43,7 @@ class Task:
         return int(self.x_train.shape[0])
 
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.as_tensor(idx, dtype=torch.long, device=self.x_train.device)
+        i = torch.tensor(np.asarray(idx), dtype=torch.long, device=self.x_train.device)
         return self.x_train[i], self.y_train[i]
 
     def logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,9 @@ class Task:
 
     def per_sample_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ(θ, z) for each sample: cross-entropy [B] (token-mean per sequence for LMs)."""
-        logits = self.logits(params, x)
+        return self.per_sample_loss_from_logits(self.logits(params, x), y)
+
+    def per_sample_loss_from_logits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classify":
             return F.cross_entropy(logits, y, reduction="none")
         # Causal LM: predict token s+1 from tokens ≤ s; y holds the targets [B, S].

@@ -42,6 +42,9 @@ from dve_repro.trajectory import (
 )
 
 Tensors = dict[str, torch.Tensor]
+# metrics.csv always has its header, even before the first epoch ends (a checkpoint written
+# mid-epoch 0 used to leave an empty file that read_csv rejects, so the run never resumed).
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
 def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
@@ -82,18 +85,19 @@ def _resume_point(run_dir: Path, n_steps: int) -> tuple[int, list[dict]]:
 def run_training(cfg: Config, force: bool = False) -> Path:
     """Train (or reuse / resume) the configured run; returns its directory."""
     device = resolve_device(cfg.runtime.device)
+    ui.set_enabled(cfg.runtime.progress)
     payload = stage_payload(cfg, "train")
     run = artifacts.RunDir(train_dir(cfg), payload)
+    run.check()  # refuses a mismatched config before anything is written
     if run.done and not force:
-        run.prepare(to_dict(cfg), device)  # refuses a mismatched config
-        ui.log(f"reusing finished training run {run.path}")
+        ui.log(f"reusing finished training run {run.path}")  # reused as is: nothing rewritten
         return run.path
-    run.prepare(to_dict(cfg), device, force=force)
     torch.use_deterministic_algorithms(True)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
 
-    task = build_task(cfg, device)
+    task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
+    run.prepare(to_dict(cfg), device, force=force)
     plan = plan_batches(task.n_train, cfg.train)
     T = len(plan)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, T)
@@ -114,7 +118,7 @@ def run_training(cfg: Config, force: bool = False) -> Path:
         save_checkpoint(run.path, 0, params, state)
 
     capture = _make_capture(cfg, task, run.path, plan) if cfg.trajectory.capture else None
-    metrics = _load_metrics(run.path, plan[start - 1].epoch if start else -1)
+    metrics = _load_metrics(run.path, start)
     epoch_losses: list[float] = [r["loss"] for r in rows if r["epoch"] == (plan[start].epoch if start < T else -1)]
     t0 = time.perf_counter()
     with ui.bar("train", total=T, unit="step", completed=start) as bar:
@@ -140,8 +144,9 @@ def run_training(cfg: Config, force: bool = False) -> Path:
                 save_checkpoint(run.path, t + 1, params, state)
                 if capture is not None:
                     capture.store.commit(range(0, t + 1))
+                # metrics first: the trajectory rows are what marks a checkpoint resumable
+                artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
                 artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
-                artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics))
     elapsed = time.perf_counter() - t0
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
                    "resumed_from": start})
@@ -149,11 +154,12 @@ def run_training(cfg: Config, force: bool = False) -> Path:
     return run.path
 
 
-def _load_metrics(run_dir: Path, last_epoch: int) -> list[dict]:
+def _load_metrics(run_dir: Path, start: int) -> list[dict]:
+    """Rows of the epochs that ended at or before step ``start`` (the resume point)."""
     path = run_dir / "metrics.csv"
-    if last_epoch < 0 or not path.is_file():
+    if start <= 0 or not path.is_file():
         return []
-    return [m for m in artifacts.load_table(path).to_dict("records") if m["epoch"] <= last_epoch]
+    return [m for m in artifacts.load_table(path).to_dict("records") if m["step"] <= start]
 
 
 def _epoch_metrics(task: Task, params: Tensors, epoch: int, step: int, batch_losses: list[float]) -> dict:

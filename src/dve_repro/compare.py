@@ -1,0 +1,236 @@
+"""Compare stage: every estimator against ground-truth TSLOO (paper §5.1, Fig. 3).
+
+Reads the training run, its embedding, and the TSLOO run (each made on demand); computes
+the full-dimension unrolled scores (``unroll.py``) and the baselines (``baselines.py``)
+into ``<out_root>/<name>/compare-<fingerprint>/`` (cached per method), then writes small
+results to ``results/<name>/``:
+
+* ``tidy.csv`` — one row per (point, setting, convention, method): estimate and ground truth
+  for the mean validation loss;
+* ``summary.csv`` / ``summary.md`` — Spearman and Pearson with bootstrap 95% intervals for the
+  mean validation loss, and the per-validation-point correlations averaged over points;
+* ``scatter.{png,pdf}`` — estimate vs truth per method and setting, correlation printed;
+* ``correlations.{png,pdf}`` — bar chart of every Spearman correlation;
+* ``COMMAND.txt`` — the command that produced them.
+
+Methods (all on the TSLOO sign). Per-occurrence estimates give single-epoch removal from
+the point's last occurrence and all-epoch removal from the sum over occurrences:
+``dvemb`` (Algorithm 1, the configured projection and curvature), ``unrolled-<c>`` (no
+projection, matrix-free, curvature c: ``hessian`` is the exact first-order unrolled
+influence, ``ef`` is DVEmb without projection, ``none`` drops the Hessian term).
+Per-point baselines give one value whatever the setting: ``influence``, ``tracin``,
+``grad-dot``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr, spearmanr
+
+from dve_repro import artifacts, baselines, ui, unroll
+from dve_repro.config import Config, fingerprint, stage_payload, to_dict
+from dve_repro.replay import TrainedRun
+
+PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
+
+
+def compare_dir(cfg: Config) -> Path:
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "compare", fingerprint(stage_payload(cfg, "compare")))
+
+
+def _cached(path: Path, compute) -> np.ndarray:
+    if path.is_file():
+        return np.load(path)
+    value = np.asarray(compute())
+    with artifacts.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, value)
+    return value
+
+
+def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path) -> tuple[dict, dict]:
+    """Per-occurrence [N_occ, Q] and per-index [n_train, Q] scores of every method.
+
+    Query 0 is the mean validation loss; queries 1..K the first K validation points.
+    """
+    k = min(cfg.baselines.val_points, int(run.task.x_val.shape[0]))
+    occ_scores: dict[str, np.ndarray] = {}
+    mean = artifacts.load_table(embed_path / "scores.parquet")["score"].to_numpy()
+    pts = np.load(embed_path / "scores_points.npy", mmap_mode="r")[:, :k]
+    occ_scores["dvemb"] = np.concatenate([mean[:, None], pts], axis=1)
+    x_q, y_q = run.task.x_val, run.task.y_val
+    final = run.final_params()
+    q = unroll.query_gradients(run, final, x_q, y_q)
+    q = {n: v[: 1 + k] for n, v in q.items()}
+    for c in cfg.baselines.curvatures:
+        occ_scores[f"unrolled-{c}"] = _cached(
+            cache / f"unrolled-{c}.npy",
+            lambda c=c: unroll.unrolled_scores(run, q, c, cfg.embed.mc_samples, cfg.embed.mc_seed),
+        )
+    idx_scores: dict[str, np.ndarray] = {}
+    b = cfg.baselines
+    idx_scores["influence"] = _cached(
+        cache / "influence.npy", lambda: baselines.influence_function(run, q, b.if_damping, b.cg_iters, b.cg_tol)[0]
+    )
+    idx_scores["tracin"] = _cached(cache / "tracin.npy", lambda: baselines.tracin(run, x_q, y_q, k))
+    idx_scores["grad-dot"] = _cached(cache / "grad-dot.npy", lambda: baselines.grad_dot(run, q))
+    return occ_scores, idx_scores
+
+
+def estimates(run: TrainedRun, jobs: pd.DataFrame, occ_scores: dict, idx_scores: dict) -> dict[str, np.ndarray]:
+    """Estimate [n_jobs, Q] of every method for every TSLOO job."""
+    occ = run.traj.occurrences()
+    row_of = {(int(i), int(t)): r for r, (i, t) in enumerate(zip(occ["index"], occ["step"], strict=True))}
+    rows = [[row_of[(int(i), int(t))] for t in steps] for i, steps in zip(jobs["index"], jobs["steps"], strict=True)]
+    out = {}
+    for name, s in occ_scores.items():
+        out[name] = np.stack([np.asarray(s[r]).sum(axis=0) for r in rows])
+    for name, s in idx_scores.items():
+        out[name] = np.asarray(s)[jobs["index"].to_numpy()]
+    return out
+
+
+def markdown_table(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
+    """A GitHub markdown table (floats formatted with ``fmt``)."""
+    cells = [[fmt.format(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def bootstrap_ci(x: np.ndarray, y: np.ndarray, fn, n: int, seed: int) -> tuple[float, float]:
+    if n == 0 or len(x) < 3:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) == 0 or np.ptp(y[i]) == 0:
+            continue
+        vals.append(fn(x[i], y[i]))
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def _spearman(a, b) -> float:
+    return float(spearmanr(a, b)[0])
+
+
+def _pearson(a, b) -> float:
+    return float(pearsonr(a, b)[0])
+
+
+def summarize(jobs: pd.DataFrame, truth: np.ndarray, est: dict[str, np.ndarray], n_boot: int, seed: int) -> pd.DataFrame:
+    rows = []
+    k = next(iter(est.values())).shape[1] - 1
+    for (setting, conv), grp in jobs.groupby(["setting", "convention"], sort=False):
+        sel = grp.index.to_numpy()
+        for name, e in est.items():
+            x, y = e[sel, 0], truth[sel, 0]
+            s_lo, s_hi = bootstrap_ci(x, y, _spearman, n_boot, seed)
+            p_lo, p_hi = bootstrap_ci(x, y, _pearson, n_boot, seed)
+            per = [_spearman(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
+            per_p = [_pearson(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
+            rows.append({
+                "method": name, "setting": setting, "convention": conv, "n": len(sel),
+                "spearman": _spearman(x, y), "spearman_lo": s_lo, "spearman_hi": s_hi,
+                "pearson": _pearson(x, y), "pearson_lo": p_lo, "pearson_hi": p_hi,
+                "per_point_spearman": float(np.nanmean(per)) if per else float("nan"),
+                "per_point_pearson": float(np.nanmean(per_p)) if per_p else float("nan"),
+                "val_points": k,
+            })
+    return pd.DataFrame(rows)
+
+
+def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conv0 = tidy["convention"].iloc[0]
+    tidy = tidy[tidy["convention"] == conv0]
+    methods = list(dict.fromkeys(tidy["method"]))
+    settings = list(dict.fromkeys(tidy["setting"]))
+    fig, axes = plt.subplots(len(settings), len(methods), figsize=(2.6 * len(methods), 2.6 * len(settings)), squeeze=False)
+    for r, st in enumerate(settings):
+        for c, m in enumerate(methods):
+            ax = axes[r][c]
+            d = tidy[(tidy["setting"] == st) & (tidy["method"] == m)]
+            ax.scatter(d["truth"], d["estimate"], s=6, alpha=0.7)
+            row = summary[(summary["method"] == m) & (summary["setting"] == st) & (summary["convention"] == conv0)].iloc[0]
+            ax.set_title(f"{m}\n{st}-epoch  ρ={row['spearman']:.3f}  r={row['pearson']:.3f}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            if r == len(settings) - 1:
+                ax.set_xlabel("TSLOO (retrained)", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("estimate", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        with artifacts.atomic_path(out / f"scatter.{ext}") as tmp:
+            fig.savefig(tmp, dpi=130, format=ext)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods)), 3.5))
+    s = summary[summary["convention"] == conv0]
+    width = 0.8 / max(1, len(settings))
+    for j, st in enumerate(settings):
+        d = s[s["setting"] == st].set_index("method").loc[methods]
+        xs = np.arange(len(methods)) + j * width
+        ax.bar(xs, d["spearman"], width, label=f"{st}-epoch removal",
+               yerr=[d["spearman"] - d["spearman_lo"], d["spearman_hi"] - d["spearman"]], capsize=2)
+    ax.set_xticks(np.arange(len(methods)) + width * (len(settings) - 1) / 2, methods, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Spearman with TSLOO (mean val loss)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        with artifacts.atomic_path(out / f"correlations.{ext}") as tmp:
+            fig.savefig(tmp, dpi=130, format=ext)
+    plt.close(fig)
+
+
+def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = False, shard: str | None = None) -> Path | None:
+    """Train → embed → TSLOO → methods → tables and figures. Returns the results folder
+    (None when only a shard of the ground truth was computed)."""
+    from dve_repro.embed import run_embedding
+    from dve_repro.train import run_training
+    from dve_repro.tsloo import load_ground_truth, run_tsloo
+
+    ui.set_enabled(cfg.runtime.progress)
+    run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
+    gt_path = run_tsloo(cfg, run, shard=shard)
+    if not (gt_path / artifacts.DONE).is_file():
+        return None
+    embed_path = run_embedding(cfg, run)
+    rd = artifacts.RunDir(compare_dir(cfg), stage_payload(cfg, "compare"))
+    rd.prepare(to_dict(cfg), run.device, force=force)
+    jobs, truth = load_ground_truth(gt_path)
+    occ_scores, idx_scores = method_scores(cfg, run, embed_path, rd.path)
+    est = estimates(run, jobs, occ_scores, idx_scores)
+    k = next(iter(est.values())).shape[1] - 1
+    truth = truth[:, : 1 + k]
+    tidy = pd.concat([
+        pd.DataFrame({"index": jobs["index"], "setting": jobs["setting"], "convention": jobs["convention"],
+                      "method": name, "estimate": e[:, 0], "truth": truth[:, 0]})
+        for name, e in est.items()
+    ], ignore_index=True)
+    summary = summarize(jobs, truth, est, cfg.baselines.bootstrap, cfg.baselines.bootstrap_seed)
+    out = Path(results_dir) if results_dir else Path("results") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.save_table(out / "tidy.csv", tidy)
+    artifacts.save_table(out / "summary.csv", summary)
+    cols = ["method", "setting", "convention", "spearman", "spearman_lo", "spearman_hi", "pearson",
+            "per_point_spearman", "per_point_pearson"]
+    artifacts.write_text(out / "summary.md", markdown_table(summary[cols]))
+    embed_meta = artifacts.read_json(embed_path / "embedding.json")
+    title = (f"{cfg.name}: {run.task.description}; dvemb = {embed_meta['estimator']}, "
+             f"p̃={embed_meta['p_tilde']}")
+    plot(summary, tidy, out, title)
+    artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
+    rd.mark_done({"results": str(out)})
+    return out

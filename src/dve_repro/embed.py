@@ -1,0 +1,307 @@
+"""Embedding stage: capture-if-needed → Algorithm 1 / 2 → scoring.
+
+Reads a finished training run (config, trajectory, checkpoints, and ``grads/`` when it was
+trained with ``trajectory.capture=true``). Writes ``<out_root>/<name>/embed-<fingerprint>/``:
+
+* projected per-sample gradients recomputed by replay, when the training run has none with
+  this projection, go to a sibling ``grads-<fingerprint>/`` shared by every embedding with
+  the same projection and curvature (resumable through its done-mask);
+* ``E.npy`` — [N_occ, p̃] DVEmb of every (training index, step) occurrence;
+* ``occurrences.parquet`` — row → (index, step, epoch);
+* ``scores.parquet`` — index, step, epoch, score: predicted L(θ'_T) − L(θ_T) of the mean
+  validation loss when the occurrence is removed (positive = helped);
+* ``scores_points.npy`` — [N_occ, N_val] the same per validation point;
+* ``values.parquet`` — per training index: ``all_epoch`` (sum over occurrences) and
+  ``single_epoch`` (last occurrence);
+* ``dynamics.npy`` + ``boundaries.json`` (Algorithm 2) — influence of each occurrence on
+  the validation loss at every segment-boundary checkpoint (paper Fig. 4);
+* ``embedding.json`` — projection, curvature, algorithm, and whether the estimate is
+  exact-SGD or an SGD proxy; ``DONE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dve_repro import artifacts, embedding, ui
+from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point
+from dve_repro.config import Config, compose, fingerprint, from_dict, stage_payload, to_dict
+from dve_repro.errors import ArtifactError, DveError
+from dve_repro.optim import is_plain_sgd
+from dve_repro.projection import Projector, check_compatible
+from dve_repro.replay import TrainedRun, replay
+from dve_repro.train import capture_blocks, train_dir
+
+TRAIN_SECTIONS = ("name", "seed", "data", "model", "optim", "schedule", "train", "trajectory")
+
+
+def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, TrainedRun]:
+    """The config to embed with and the training run it reads.
+
+    With ``run_dir`` the training sections come from the run's saved config and the rest
+    (projection, embed, …) from the overrides; otherwise the composed config names the run.
+    """
+    requested = compose(overrides)
+    if run_dir is None:
+        path = train_dir(requested)
+        if not path.is_dir():
+            raise ArtifactError(f"no training run for this config at {path}; run `dve train` with the same overrides first")
+        run = TrainedRun.load(path, requested.runtime.device)
+        return requested, run
+    run = TrainedRun.load(run_dir, requested.runtime.device)
+    cfg = dataclasses.replace(requested, **{k: getattr(run.cfg, k) for k in TRAIN_SECTIONS})
+    # Outputs go beside the training run: <out_root>/<name>/train-<fp> → <out_root>.
+    out_root = str(Path(run_dir).resolve().parents[1])
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, out_root=out_root)), run
+
+
+def estimator_label(cfg: Config) -> str:
+    if is_plain_sgd(cfg.optim):
+        return f"first-order SGD estimate ({cfg.embed.curvature} curvature)"
+    what = [cfg.optim.name] + (["momentum"] if cfg.optim.momentum else []) + (["clipping"] if cfg.optim.grad_clip else [])
+    return f"SGD proxy: the run used {'+'.join(what)}; recursion applied with scheduled lr and raw gradients"
+
+
+def make_featurizer(cfg: Config, run: TrainedRun) -> Featurizer:
+    blocks = capture_blocks(run.task)
+    return Featurizer(run.task, blocks, Projector(cfg.projection, blocks), cfg.embed.engine)
+
+
+def _store_meta(cfg: Config, feat: Featurizer) -> dict:
+    return {"projection": feat.projector.describe(), "curvature": cfg.embed.curvature,
+            "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
+            "engine_layers": [b.name for b in feat.blocks]}
+
+
+def gradients(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> GradientStore:
+    """Captured gradients of the training run when they match, else recompute by replay."""
+    offsets = run.traj.offsets()
+    rpp = curvature_rows_per_point(cfg.embed.curvature, run.task.n_classes, cfg.embed.mc_samples)
+    meta = _store_meta(cfg, feat)
+    captured = run.path / "grads"
+    if captured.is_dir():
+        try:
+            store = GradientStore(captured, offsets, feat.projector.out_dim, meta, rpp, cfg.embed.storage_dtype)
+            if store.complete:
+                ui.log(f"using gradients captured during training ({captured})")
+                return store
+        except DveError:
+            pass  # captured with another projection or curvature: recompute below
+    store = GradientStore(folder, offsets, feat.projector.out_dim, meta, rpp, cfg.embed.storage_dtype)
+    if store.complete:
+        return store
+    first = int(np.flatnonzero(~store.done)[0])
+    start = run.nearest_checkpoint(first)
+    traj, task = run.traj, run.task
+    todo = int((~store.done).sum())
+    pending: list[int] = []
+    with ui.bar("capture (replay)", total=todo, unit="step") as bar:
+
+        def before(t: int, params: dict) -> None:
+            if store.done[t]:
+                return
+            x, y = task.batch(traj.batches[t])
+            rows = feat.features(params, x, y)
+            curv = None
+            if rpp:
+                curv = feat.curvature(params, x, y, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed * 1_000_003 + t)
+            store.write(t, rows, curv)
+            pending.append(t)
+            if len(pending) >= 32:
+                store.commit(pending)
+                pending.clear()
+            bar.update(1)
+
+        replay(run, start=start, before_step=before)
+        store.commit(pending)
+    return store
+
+
+def grads_dir(cfg: Config, feat: Featurizer) -> Path:
+    """Recomputed gradients are shared by every embedding of the same run, projection and curvature."""
+    key = {"train": stage_payload(cfg, "train"), "meta": _store_meta(cfg, feat), "dtype": cfg.embed.storage_dtype}
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "grads", fingerprint(key))
+
+
+def query_features(feat: Featurizer, params: dict, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Projected gradients of each query's loss at ``params``: [N_q, p̃]."""
+    return torch.cat([feat.features(params, x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
+
+
+def embed_dir(cfg: Config) -> Path:
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "embed", fingerprint(stage_payload(cfg, "embed")))
+
+
+def boundaries_for(run: TrainedRun, k: int) -> list[int]:
+    """K segments cut at the checkpoints nearest to an even split of [0, T)."""
+    if k > run.T:
+        raise DveError(f"embed.segments={k} is larger than the number of steps T={run.T}")
+    inner = [c for c in run.checkpoints if 0 < c < run.T]
+    if k - 1 > len(inner):
+        raise DveError(
+            f"embed.segments={k} needs {k - 1} intermediate checkpoints but the run has {len(inner)} "
+            "(retrain with a smaller trajectory.checkpoint_every)"
+        )
+    chosen: list[int] = []
+    for j in range(1, k):
+        target = j * run.T / k
+        best = min((c for c in inner if c not in chosen), key=lambda c: abs(c - target))
+        chosen.append(best)
+    return [0, *sorted(chosen), run.T]
+
+
+def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
+    ui.set_enabled(cfg.runtime.progress)
+    # Refuse an impossible segmentation before any folder is made or gradient computed.
+    bounds = boundaries_for(run, cfg.embed.segments) if cfg.embed.algorithm == 2 else None
+    payload = stage_payload(cfg, "embed")
+    rd = artifacts.RunDir(embed_dir(cfg), payload)
+    if rd.done and not force:
+        rd.prepare(to_dict(cfg), run.device)
+        ui.log(f"reusing finished embedding {rd.path}")
+        return rd.path
+    rd.prepare(to_dict(cfg), run.device, force=force)
+    feat = make_featurizer(cfg, run)
+    p_dim = feat.projector.out_dim
+    blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
+    sdtype = torch.float64 if cfg.embed.storage_dtype == "float64" else torch.float32
+    embedding.check_matrix_fits(p_dim, blocks, torch.float64, cfg.embed.max_matrix_gb,
+                                copies=2 if cfg.embed.algorithm == 2 else 1)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    store = gradients(cfg, run, feat, grads_dir(cfg, feat))
+    timings["capture_s"] = time.perf_counter() - t0
+    offsets = run.traj.offsets()
+    w = run.traj.lrs / run.traj.sizes()
+    E = np.lib.format.open_memmap(rd.file("E.npy.partial"), mode="w+", dtype=np.dtype(cfg.embed.storage_dtype),
+                                  shape=store.G.shape)
+    occ = run.traj.occurrences()
+    final = run.final_params()
+    t0 = time.perf_counter()
+    dynamics = None
+    if cfg.embed.algorithm == 1:
+        with ui.bar("algorithm 1", total=run.T, unit="step") as bar:
+            embedding.algorithm1(store.G, offsets, w, F=store.F, f_offsets=store.f_offsets(), blocks=blocks, out=E,
+                                 chunk_steps=cfg.embed.chunk_steps, progress=bar.update,
+                                 max_matrix_gb=cfg.embed.max_matrix_gb)
+    else:
+        queries = {}
+        for j, b in enumerate(bounds[1:], start=1):
+            params = final if b == run.T else run.load_params(b)[0]
+            queries[j] = query_features(feat, params, run.task.x_val, run.task.y_val).mean(0)
+        ui.log(f"algorithm 2: {len(bounds) - 1} segments at {bounds}, workers={cfg.embed.workers}")
+        res = embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(), blocks=blocks,
+                                   workers=cfg.embed.workers, queries=queries, out=E,
+                                   max_matrix_gb=cfg.embed.max_matrix_gb)
+        dynamics = res.dynamics
+    E.flush()
+    timings["algorithm_s"] = time.perf_counter() - t0
+    # Scoring at θ_T: the mean validation loss's gradient is the mean of the per-point ones.
+    t0 = time.perf_counter()
+    Q = query_features(feat, final, run.task.x_val, run.task.y_val).to(sdtype)  # [N_val, p̃]
+    q_mean = Q.mean(0)
+    scores_mean = np.empty(len(occ))
+    scores_pts = np.lib.format.open_memmap(rd.file("scores_points.npy.partial"), mode="w+", dtype=np.float64,
+                                           shape=(len(occ), Q.shape[0]))
+    for a in range(0, len(occ), 8192):
+        rows = torch.from_numpy(np.asarray(E[a : a + 8192])).to(sdtype)
+        scores_mean[a : a + 8192] = (rows @ q_mean).double().numpy()
+        scores_pts[a : a + 8192] = (rows @ Q.T).double().numpy()
+    scores_pts.flush()
+    timings["scoring_s"] = time.perf_counter() - t0
+    del E, scores_pts
+    # Rename the big arrays into place only once complete.
+    Path(rd.file("E.npy.partial")).replace(rd.file("E.npy"))
+    Path(rd.file("scores_points.npy.partial")).replace(rd.file("scores_points.npy"))
+    table = occ.assign(score=scores_mean)
+    artifacts.save_table(rd.file("occurrences.parquet"), occ)
+    artifacts.save_table(rd.file("scores.parquet"), table)
+    idx, total, last = embedding.per_index_views(torch.from_numpy(scores_mean), occ["index"].to_numpy(), occ["step"].to_numpy())
+    artifacts.save_table(rd.file("values.parquet"), pd.DataFrame(
+        {"index": idx.numpy(), "all_epoch": total.numpy(), "single_epoch": last.numpy()}))
+    if dynamics is not None:
+        np.save(rd.file("dynamics.npy"), np.asarray(dynamics, dtype=np.float64))
+        artifacts.write_json(rd.file("boundaries.json"), {"boundaries": bounds})
+    meta = {
+        "train_run": str(run.path),
+        "train_fingerprint": fingerprint(stage_payload(cfg, "train")),
+        "projection": feat.projector.describe(),
+        "curvature": cfg.embed.curvature,
+        "algorithm": cfg.embed.algorithm,
+        "blocks": cfg.embed.blocks,
+        "estimator": estimator_label(cfg),
+        "layers": [b.name for b in feat.blocks],
+        "left_out": run.task.extra.get("left_out", "nothing (all parameters)"),
+        "p_tilde": p_dim,
+        "n_occurrences": len(occ),
+        "gradient_bytes": store.nbytes(),
+        "timings": timings,
+    }
+    artifacts.write_json(rd.file("embedding.json"), meta)
+    rd.mark_done({"timings": timings})
+    ui.log(f"embedded {len(occ)} occurrences (p̃={p_dim}, {meta['estimator']}) -> {rd.path}")
+    return rd.path
+
+
+def load_embedding(path: Path) -> tuple[dict, Config]:
+    rd = artifacts.RunDir(path, {})
+    if not Path(path).is_dir():
+        raise ArtifactError(f"embedding directory not found: {path}")
+    rd.require_done("embedding")
+    meta = artifacts.read_json(Path(path) / "embedding.json")
+    cfg = from_dict(artifacts.read_json(Path(path) / "config.json")["config"])
+    return meta, cfg
+
+
+def score_queries(embed_path: Path, overrides: list[str], split: str, queries_file: Path | None) -> Path:
+    """Score a query set against saved embeddings (no recomputation). Writes
+    ``query-<name>/scores.parquet`` (index, step, epoch, score for the query set's mean loss)."""
+    meta, cfg = load_embedding(embed_path)
+    if overrides:
+        # The overrides apply on top of the saved projection, not on the defaults.
+        saved = dataclasses.asdict(cfg.projection)
+        base = [f"projection={saved['kind']}", *(f"projection.{k}={v}" for k, v in saved.items() if k != "kind")]
+        requested = compose([*base, *overrides]).projection
+        asked = dataclasses.asdict(requested)
+        saved.pop("chunk_size"), asked.pop("chunk_size")
+        check_compatible(saved, asked, f"embedding {embed_path}")
+    run = TrainedRun.load(meta["train_run"], cfg.runtime.device)
+    feat = make_featurizer(cfg, run)
+    check_compatible(meta["projection"], feat.projector.describe(), f"embedding {embed_path}")
+    if queries_file is not None:
+        name = Path(queries_file).stem
+        try:
+            data = np.load(queries_file)
+            x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"]).long()
+        except Exception as exc:
+            raise DveError(f"cannot read queries from {queries_file} (need an .npz with arrays x and y): {exc}") from None
+        want = tuple(run.task.x_train.shape[1:])
+        if tuple(x.shape[1:]) != want or x.shape[0] != y.shape[0]:
+            raise DveError(f"query features have shape {tuple(x.shape[1:])} but the model takes {want}")
+        if run.task.kind == "classify" and len(y) and (int(y.min()) < 0 or int(y.max()) >= run.task.n_classes):
+            raise DveError(f"query labels must lie in [0, {run.task.n_classes}) "
+                           f"(got {int(y.min())}..{int(y.max())}) in {queries_file}")
+        x = x.to(run.task.x_train.dtype)
+    else:
+        name = split
+        if split == "val":
+            x, y = run.task.x_val, run.task.y_val
+        elif split == "test" and "x_test" in run.task.extra:
+            x, y = run.task.extra["x_test"], run.task.extra["y_test"]
+        else:
+            raise DveError(f"unknown query split {split!r} (use val or test, or --queries FILE.npz)")
+    if x.shape[0] == 0:
+        raise DveError(f"the query set {name!r} is empty")
+    q = query_features(feat, run.final_params(), x, y).mean(0)
+    E = np.load(Path(embed_path) / "E.npy", mmap_mode="r")
+    scores = np.concatenate([np.asarray(E[a : a + 8192]) @ q.double().numpy() for a in range(0, E.shape[0], 8192)])
+    occ = artifacts.load_table(Path(embed_path) / "occurrences.parquet")
+    out = Path(embed_path) / f"query-{name}" / "scores.parquet"
+    artifacts.save_table(out, occ.assign(score=scores))
+    return out

@@ -1,0 +1,264 @@
+"""Ground truth: trajectory-specific leave-one-out (TSLOO) by actually retraining.
+
+Reads a finished training run; writes a TSLOO run directory
+``<out_root>/<name>/tsloo-<fingerprint>/`` with
+
+* ``jobs.parquet`` — one row per (point, setting, convention): the training index, the
+  steps it is removed from, and the checkpoint the replay starts at;
+* ``delta.npy`` — [n_jobs, 1 + N_val]: column 0 is L(θ'_T) − L(θ_T) for the mean validation
+  loss, the rest per validation point (SPEC §1 sign: positive = the point helped);
+* ``done.npy`` — per-job done-mask (resume after an interruption; shards fill disjoint rows);
+* ``DONE`` when every job is done.
+
+Settings (SPEC §1): ``single`` removes the point from its last occurrence (its last-epoch
+step); ``all`` from every occurrence. Conventions: ``keep`` (denominator |B_t| kept) and
+``renormalize``.
+
+Fast path: the replays of a chunk of jobs advance together as a stack of parameter copies
+under ``torch.func.vmap``; every copy sees the same batch and differs only in its per-sample
+weights (0 where its point is removed). Each chunk also carries one copy with nothing
+removed, so the difference is taken between numerically identical computations. Jobs are
+grouped by the latest checkpoint before their first removal, where their replays start.
+The naive reference, :func:`naive_delta`, retrains each job alone from θ_0 with the
+ordinary replay engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.func import functional_call, grad, vmap
+
+from dve_repro import artifacts, ui
+from dve_repro.config import Config, fingerprint, stage_payload, to_dict
+from dve_repro.errors import DveError
+from dve_repro.optim import update
+from dve_repro.replay import TrainedRun, replay
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class Job:
+    index: int  # training index removed
+    setting: str  # single | all
+    convention: str  # keep | renormalize
+    steps: list[int]  # steps it is removed from
+    start: int  # checkpoint the replay starts from
+
+
+def select_points(run: TrainedRun, n: int, how: str, seed: int) -> np.ndarray:
+    """Training indices whose removal is measured (only points that occur in the trajectory)."""
+    used = np.unique(np.concatenate(run.traj.batches))
+    if how == "all":
+        return used
+    rng = np.random.default_rng(seed)
+    if n > len(used):
+        raise DveError(f"tsloo.n_points={n} but only {len(used)} training points occur in the run")
+    if how == "uniform":
+        return np.sort(rng.choice(used, size=n, replace=False))
+    labels = run.task.y_train.cpu().numpy()[used]
+    classes = np.unique(labels)
+    per = -(-n // len(classes))
+    picked = []
+    for c in classes:
+        pool = used[labels == c]
+        picked.extend(rng.choice(pool, size=min(per, len(pool)), replace=False).tolist())
+    return np.sort(rng.choice(np.array(picked), size=n, replace=False))
+
+
+def make_jobs(run: TrainedRun, points: np.ndarray, settings: list[str], conventions: list[str]) -> list[Job]:
+    occ: dict[int, list[int]] = {}
+    for t, b in enumerate(run.traj.batches):
+        for i in b:
+            occ.setdefault(int(i), []).append(t)
+    jobs = []
+    for conv in conventions:
+        for setting in settings:
+            for i in points:
+                steps = occ.get(int(i))
+                if not steps:
+                    raise DveError(f"training index {int(i)} is never used by the run")
+                chosen = [steps[-1]] if setting == "single" else steps
+                jobs.append(Job(int(i), setting, conv, chosen, run.nearest_checkpoint(chosen[0])))
+    return jobs
+
+
+def jobs_frame(jobs: list[Job]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "index": [j.index for j in jobs],
+            "setting": [j.setting for j in jobs],
+            "convention": [j.convention for j in jobs],
+            "steps": [list(j.steps) for j in jobs],
+            "start": [j.start for j in jobs],
+        }
+    )
+
+
+def _val_losses(run: TrainedRun, params: Tensors) -> torch.Tensor:
+    """Per-validation-point losses [N_val] at ``params``."""
+    with torch.no_grad():
+        return run.task.per_sample_loss(params, run.task.x_val, run.task.y_val)
+
+
+def naive_delta(run: TrainedRun, job: Job, base: torch.Tensor | None = None) -> np.ndarray:
+    """Reference: retrain the job alone from θ_0 with the replay engine. Returns [1 + N_val]."""
+    if base is None:
+        base = _val_losses(run, run.final_params())
+    params, _ = replay(run, removals={t: [job.index] for t in job.steps},
+                       renormalize=job.convention == "renormalize", start=0)
+    d = _val_losses(run, params) - base
+    return torch.cat([d.mean().view(1), d]).cpu().numpy()
+
+
+def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Replay ``jobs`` (same start checkpoint) together; returns [len(jobs), 1 + N_val]."""
+    start = jobs[0].start
+    assert all(j.start == start for j in jobs)
+    task, traj, cfg = run.task, run.traj, run.cfg
+    params, state = run.load_params(start)
+    P = len(jobs) + 1  # copy 0 is the reference (nothing removed)
+    stack = {k: v.to(dtype).unsqueeze(0).repeat(P, *([1] * v.dim())) for k, v in params.items()}
+    sstack = {k: v.to(dtype).unsqueeze(0).repeat(P, *([1] * v.dim())) for k, v in state.items()}
+    model = task.model
+
+    def weighted_loss(p, x, y, w):
+        logits = functional_call(model, p, (x,))
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        return (task.per_sample_loss_from_logits(logits, y) * w).sum()
+
+    grad_fn = vmap(grad(weighted_loss), in_dims=(0, None, None, 0))
+    removal: dict[int, list[tuple[int, int, bool]]] = {}
+    for c, job in enumerate(jobs, start=1):
+        for t in job.steps:
+            removal.setdefault(t, []).append((c, job.index, job.convention == "renormalize"))
+    for t in range(start, run.T):
+        batch = traj.batches[t]
+        x, y = task.batch(batch)
+        x = x.to(dtype) if x.is_floating_point() else x
+        n = len(batch)
+        W = torch.full((P, n), 1.0 / n, dtype=dtype, device=run.device)
+        for c, i, renorm in removal.get(t, ()):
+            pos = np.flatnonzero(batch == i)
+            if not len(pos):
+                raise DveError(f"training index {i} is not in the batch of step {t}")
+            W[c, torch.as_tensor(pos)] = 0.0
+            if renorm:
+                W[c][W[c] > 0] = 1.0 / (n - len(pos))
+        grads = grad_fn(stack, x, y, W)
+        lr = float(traj.lrs[t])
+        stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)
+    with torch.no_grad():
+        losses = vmap(lambda p: task.per_sample_loss(p, task.x_val.to(dtype), task.y_val))(stack)  # [P, N_val]
+    d = losses[1:] - losses[:1]
+    return torch.cat([d.mean(dim=1, keepdim=True), d], dim=1).cpu().numpy()
+
+
+def tsloo_dir(cfg: Config) -> Path:
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "tsloo", fingerprint(stage_payload(cfg, "tsloo")))
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(s) for s in spec.split("/"))
+    except ValueError:
+        raise DveError(f"--shard must look like i/n with 0 <= i < n (got {spec!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise DveError(f"--shard must look like i/n with 0 <= i < n (got {spec!r})")
+    return i, n
+
+
+def chunks_of(jobs: list[Job], size: int) -> list[list[int]]:
+    """Job ids grouped by start checkpoint, then cut into chunks of ``size``."""
+    by_start: dict[int, list[int]] = {}
+    for j, job in enumerate(jobs):
+        by_start.setdefault(job.start, []).append(j)
+    out = []
+    for s in sorted(by_start):
+        ids = by_start[s]
+        out += [ids[k : k + size] for k in range(0, len(ids), size)]
+    return out
+
+
+def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | None = None) -> Path:
+    """Measure TSLOO for the configured points (resumable, shardable). Returns its directory."""
+    si, sn = parse_shard(shard)
+    tc = cfg.tsloo
+    payload = stage_payload(cfg, "tsloo")
+    rd = artifacts.RunDir(tsloo_dir(cfg), payload)
+    if rd.done and not force:
+        rd.prepare(to_dict(cfg), run.device)
+        return rd.path
+    rd.prepare(to_dict(cfg), run.device, force=force)
+    points = select_points(run, tc.n_points, tc.selection, tc.seed)
+    jobs = make_jobs(run, points, tc.settings, tc.conventions)
+    artifacts.save_table(rd.file("jobs.parquet"), jobs_frame(jobs))
+    n_val = int(run.task.x_val.shape[0])
+    part = rd.path / f"part-{si}-of-{sn}"
+    part.mkdir(exist_ok=True)
+    delta_path, done_path = part / "delta.npy", part / "done.npy"
+    if delta_path.is_file() and done_path.is_file():
+        delta = np.load(delta_path, mmap_mode="r+")
+        done = np.load(done_path)
+        if delta.shape != (len(jobs), 1 + n_val) or done.shape != (len(jobs),):
+            raise DveError(f"{part} holds results of another job list; rerun with --force")
+    else:
+        delta = np.lib.format.open_memmap(delta_path, mode="w+", dtype=np.float64, shape=(len(jobs), 1 + n_val))
+        done = np.zeros(len(jobs), dtype=bool)
+    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+    mine = [c for k, c in enumerate(chunks_of(jobs, tc.chunk_size)) if k % sn == si]
+    todo = [c for c in mine if not done[c].all()]
+    steps_total = sum(run.T - jobs[c[0]].start for c in todo)
+    t0 = time.perf_counter()
+    with ui.bar(f"tsloo {si}/{sn}" if sn > 1 else "tsloo", total=max(steps_total, 1), unit="step") as bar:
+        for c in todo:
+            delta[c] = batched_delta(run, [jobs[j] for j in c], dtype)
+            delta.flush()
+            done[c] = True
+            with artifacts.atomic_path(done_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, done)
+            bar.update(run.T - jobs[c[0]].start)
+    seconds = time.perf_counter() - t0
+    merged = merge_shards(rd.path, len(jobs), n_val)
+    if merged:
+        rd.mark_done({"jobs": len(jobs), "seconds_last_call": seconds, "shards": sn})
+    else:
+        ui.log(f"shard {si}/{sn} finished; run the other shards, then rerun to merge")
+    return rd.path
+
+
+def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:
+    """Join the parts of a sharded run into ``delta.npy`` once all jobs are done somewhere."""
+    delta = np.zeros((n_jobs, 1 + n_val))
+    done = np.zeros(n_jobs, dtype=bool)
+    for part in sorted(path.glob("part-*-of-*")):
+        pd_, pm = part / "delta.npy", part / "done.npy"
+        if not (pd_.is_file() and pm.is_file()):
+            continue
+        m = np.load(pm)
+        if m.shape != (n_jobs,):
+            continue
+        delta[m] = np.load(pd_, mmap_mode="r")[m]
+        done |= m
+    if not done.all():
+        return False
+    with artifacts.atomic_path(path / "delta.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, delta)
+    return True
+
+
+def load_ground_truth(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(jobs table, delta [n_jobs, 1 + N_val]) of a finished TSLOO directory."""
+    rd = artifacts.RunDir(path, {})
+    rd.require_done("ground-truth retraining")
+    jobs = artifacts.load_table(path / "jobs.parquet")
+    delta = np.load(path / "delta.npy")
+    return jobs, delta
