@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv test test-slow lint format reproduce train clean-runs
+.PHONY: help venv test test-slow lint format reproduce bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,7 +38,11 @@ train: $(STAMP) ## Train the default MNIST experiment
 	$(VENV)/bin/dve train experiment=mnist_mlp
 
 reproduce: $(STAMP) ## Regenerate every committed result and figure under results/
-	$(VENV)/bin/dve train experiment=mnist_mlp
+	$(VENV)/bin/dve compare-tsloo experiment=mnist_mlp
+
+bench: $(STAMP) ## Embedding and ground-truth benchmarks → results/bench/
+	$(VENV)/bin/dve bench embed
+	$(VENV)/bin/dve bench tsloo
 
 clean-runs: ## Delete run outputs (results/runs/)
 	rm -rf results/runs

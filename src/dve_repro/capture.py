@@ -167,9 +167,8 @@ class GradientStore:
             self.F.flush()
         for t in steps:
             self.done[t] = True
-        with artifacts.atomic_path(self.folder / "done.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, self.done)
+        with artifacts.atomic_path(self.folder / "done.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, self.done)
         if not (self.folder / "offsets.npy").is_file():
             with artifacts.atomic_path(self.folder / "offsets.npy") as tmp:
                 with open(tmp, "wb") as fh:

@@ -155,6 +155,33 @@ def compare_tsloo(
         typer.echo(str(out))
 
 
+bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory and ratios → results/bench/.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("embed", help="Capture, Algorithm 1/2 and the recompute-at-θ_T alternative, side by side.")
+@guarded
+def bench_embed(
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for embed.csv and embed.md."),
+    quick: bool = typer.Option(False, "--quick", help="One tiny configuration, one repeat."),
+) -> None:
+    from dve_repro.bench import bench_embed as run
+
+    run(out, quick=quick)
+
+
+@bench_app.command("tsloo", help="Batched ground-truth retraining against the naive one-run-per-point way.")
+@guarded
+def bench_tsloo(
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for tsloo.csv and tsloo.md."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny run, one repeat."),
+) -> None:
+    from dve_repro.bench import bench_tsloo as run
+
+    run(out, quick=quick)
+
+
 def main() -> None:
     try:
         app()

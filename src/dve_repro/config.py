@@ -100,6 +100,7 @@ class GPTNeoXModelConfig:
     layer_norm_eps: float = 1e-5
     init_seed: int = 0
     expected_parameters: int = 0  # asserted when > 0 (Pythia-410M: 405,334,016)
+    capture_layers: str = "all"  # linears whose gradients DVEmb sees: all (block linears) | mlp
 
 
 DATA_SCHEMAS: dict[str, type] = {
@@ -180,7 +181,6 @@ class TsllooConfig:
     conventions: list[str] = field(default_factory=lambda: ["keep"])  # keep | renormalize
     dtype: str = "float64"
     chunk_size: int = 64  # counterfactual copies advanced together; speed-only
-    workers: int = 0  # speed-only
 
 
 @dataclass
@@ -277,6 +277,11 @@ def _structured(schema: type, values: Any, where: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values or {})
         return OmegaConf.to_object(merged)
     except Exception as exc:
+        # OmegaConf names the offending key on a later line; bring it into the one line.
+        key = getattr(exc, "full_key", None)
+        if key:
+            key = key if where == "config" else f"{where}.{key}"
+            raise ConfigError(f"bad configuration: {key}: {_first_line(exc)}") from None
         raise ConfigError(f"bad configuration in {where}: {_first_line(exc)}") from None
 
 
@@ -343,6 +348,9 @@ def validate(cfg: Config) -> None:
         _one_of(m.activation, ("relu", "tanh", "gelu", "softplus", "sigmoid"), "model.activation")
     if isinstance(m, CNNConfig):
         _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
+    if isinstance(m, GPTNeoXModelConfig):
+        _one_of(m.capture_layers, ("all", "mlp"), "model.capture_layers")
+        _check(isinstance(d, TextDataConfig), "a gpt_neox model needs text data (data=text or data=pile)")
     if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
         _check(
             d.seq_len <= m.max_position_embeddings,
@@ -406,7 +414,7 @@ def validate(cfg: Config) -> None:
 # Sections (and fields) that change what a stage computes. Speed-only fields are dropped.
 _SPEED_ONLY = {
     "embed": {"workers", "engine", "chunk_steps", "max_matrix_gb"},
-    "tsloo": {"chunk_size", "workers"},
+    "tsloo": {"chunk_size"},
     "projection": {"chunk_size"},
 }
 

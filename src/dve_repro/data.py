@@ -76,13 +76,13 @@ def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def _torchvision(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Read MNIST or CIFAR-10 through torchvision's dataset classes."""
-    import torchvision
-
     root = Path(cfg.root)
     if not cfg.download and not root.is_dir():
         raise DveError(
             f"data folder not found: {root} (put the {cfg.name} files there or pass data.download=true)"
         )
+    import torchvision  # after the cheap check: importing it takes seconds
+
     cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.CIFAR10
     try:
         ds = cls(str(root), train=train, download=cfg.download)

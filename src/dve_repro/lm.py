@@ -153,3 +153,28 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
         + ", ".join(f"{g} ({n:,})" for g, n in left.items())
     )
     return layers, description
+
+
+def build_lm_task(cfg, device: str = "cpu"):
+    """The language-model :class:`~dve_repro.tasks.Task`: packed sequences (targets = inputs,
+    shifted inside the loss), a GPT-NeoX at θ_0, and the linear layers DVEmb captures."""
+    from dve_repro.config import torch_dtype
+    from dve_repro.tasks import Task
+    from dve_repro.text import load_text
+
+    data = load_text(cfg.data, vocab_size=cfg.model.vocab_size)
+    dtype = torch_dtype(cfg.train.dtype if cfg.train.dtype != "bfloat16" else "float32")
+    model = build_gpt_neox(cfg.model, dtype).to(device)
+    layers, left_out = linear_layers(model, cfg.model.capture_layers)
+    train, val = data.train.to(device), data.val.to(device)
+    return Task(
+        kind="lm",
+        model=model,
+        x_train=train,
+        y_train=train,
+        x_val=val,
+        y_val=val,
+        n_classes=cfg.model.vocab_size,
+        description=f"{data.source_desc}; {len(train)} train / {len(val)} val sequences of {cfg.data.seq_len} tokens",
+        extra={"capture_layers": [n for n, _ in layers], "left_out": left_out, "text_fingerprint": data.fingerprint},
+    )

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from dve_repro import artifacts, ui
-from dve_repro.config import Config, stage_payload, fingerprint, to_dict
+from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError
 from dve_repro.grads import LinearFactorHooks
 from dve_repro.optim import init_state, lr_schedule, update

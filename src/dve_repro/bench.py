@@ -1,0 +1,523 @@
+"""Speed and memory benchmarks: ``dve bench embed`` and ``dve bench tsloo``.
+
+Both write ``<out_dir>/<name>.csv`` (every column) and ``<out_dir>/<name>.md`` (a header
+line naming the command, date, torch threads and CPU count, notes, then the table), and
+print the table. Alternatives are timed side by side in the same process and, within each
+repeat, one right after the other, so that the ratios see the same machine load; every
+number is the median over the repeats (``time.perf_counter``).
+
+* :func:`bench_embed` — for the MNIST MLP, over a few trajectory lengths T and projection
+  sizes p̃: training with and without gradient capture, Algorithm 1 (with its GFLOP/s next
+  to a plain matmul of the same shape), Algorithm 2 in-process and with two worker
+  processes, and the LoGra-style alternative (recompute every training point's projected
+  gradient at θ_T). Memory is computed analytically (stated in the ``mem_method`` column).
+* :func:`bench_tsloo` — ground-truth retraining: the batched fast path
+  (:func:`dve_repro.tsloo.batched_delta`) against the naive one-retraining-per-job
+  reference (:func:`dve_repro.tsloo.naive_delta`) on the same jobs, with the largest
+  difference between their answers, for several chunk sizes.
+
+Run directories go to a temporary folder under ``<out_dir>/_runs`` that is removed at
+the end (``keep_runs=True`` keeps it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dve_repro import ui
+
+K_SEGMENTS = 4  # Algorithm 2 segments
+
+
+# ----------------------------------------------------------------------------- helpers
+def _median(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _load_avg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # not available on every platform
+        return "n/a"
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v is pd.NA:
+        return "–"
+    if isinstance(v, bool | np.bool_):
+        return str(bool(v))
+    if isinstance(v, int | np.integer):
+        return f"{int(v):,}"
+    if isinstance(v, float | np.floating):
+        v = float(v)
+        if math.isnan(v):
+            return "–"
+        if v == 0.0:
+            return "0"
+        if abs(v) >= 1e5 or abs(v) < 1e-3:
+            return f"{v:.2e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _markdown(df: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    cols = list(columns) if columns is not None else list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _print_table(title: str, df: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Plain aligned text on stdout (wide tables stay readable when piped or in a narrow terminal)."""
+    cells = [[_fmt(row[c]) for c in columns] for _, row in df.iterrows()]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _header(command: str, threads: int, started: float, load_start: str) -> str:
+    now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (
+        f"`{command}` · {now} · torch threads {threads} · cpu count {os.cpu_count()} · "
+        f"torch {torch.__version__} · load avg (1 min) {load_start} at start, {_load_avg()} at end · "
+        f"runtime {time.perf_counter() - started:.0f} s"
+    )
+
+
+def _write_outputs(out_dir: Path, name: str, df: pd.DataFrame, header: str, notes: list[str],
+                   tables: list[tuple[str, list[str]]]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_dir / f"{name}.csv", index=False)
+    parts = [f"# {name} benchmark", "", header, ""]
+    parts += [f"- {n}" for n in notes]
+    for title, cols in tables:
+        parts += ["", f"## {title}", "", _markdown(df, cols)]
+    (out_dir / f"{name}.md").write_text("\n".join(parts) + "\n")
+
+
+class _Session:
+    """Threads, quiet progress bars and a scratch folder for one benchmark call."""
+
+    def __init__(self, out_dir: Path, threads: int, keep_runs: bool):
+        self.out_dir, self.threads, self.keep_runs = Path(out_dir), threads, keep_runs
+
+    def __enter__(self) -> _Session:
+        self.show = ui.enabled()
+        self.ui_flag = getattr(ui, "_enabled", True)
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        (self.out_dir / "_runs").mkdir(parents=True, exist_ok=True)
+        self.scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=self.out_dir / "_runs"))
+        self.started = time.perf_counter()
+        self.load_start = _load_avg()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads_before)
+        ui.set_enabled(self.ui_flag)  # run_training switches bars off for the whole process
+        if not self.keep_runs:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            runs = self.out_dir / "_runs"
+            if runs.is_dir() and not any(runs.iterdir()):
+                runs.rmdir()
+
+    def say(self, msg: str) -> None:
+        if self.show:
+            from rich.console import Console
+
+            Console(stderr=True).print(msg, highlight=False)
+
+    def overrides(self, *extra: str, threads: int | None = None) -> list[str]:
+        # run_training applies runtime.threads to the whole process; callers restore it
+        return [f"runtime.out_root={self.scratch}", "runtime.progress=false",
+                f"runtime.threads={threads or self.threads}", *extra]
+
+
+# ----------------------------------------------------------------------------- bench embed
+EMBED_NOTES = [
+    "Times are medians over `repeats` rounds; inside a round every alternative runs once, one after "
+    "the other (same machine load). Training times are the training loop of `run_training` "
+    "(its DONE `seconds`: excludes data loading); `capture_overhead_wall` uses the whole call.",
+    "`*_1t` columns: the same two trainings at 1 torch thread, in the same rounds.",
+    "`capture_pts_per_s` = N_occ / capture-training time; `alg1_pts_per_s` = N_occ / Algorithm 1 "
+    "time (in memory, float64, on the captured G); Algorithm 2 uses K=4 even segments, `w0` in "
+    "process, `w2` two worker processes (their pool start-up is included; the forkserver it forks from is started once, untimed, in a warm-up).",
+    "`alg1_gflops` counts 4·N_occ·p̃² flops (G Mᵀ and the M update); `matmul_gflops` is a plain "
+    "[B, p̃] @ [p̃, p̃] float64 matmul (B = batch size) timed in the same round; "
+    "`matmul_over_alg1` is their ratio (aim ≤ 1.5).",
+    "LoGra-style alternative: one pass over the training set at θ_T with the same Featurizer "
+    "(chunks of 256), storing n_train·p̃·8 bytes; DVEmb stores G.npy (N_occ·p̃·8, size on disk).",
+    "Memory (`mem_method` = analytic, not measured; torch allocations are invisible to "
+    "tracemalloc and maxrss deltas are unreliable in one process): capture = one step's rows "
+    "B·p̃·8 + projection matrices; alg1 = G + E (2·N_occ·p̃·8) + M (p̃²·8) + one chunk of 64 "
+    "steps; alg2 = G + E + (K+2)·p̃²·8; logra = n_train·p̃·8 + one chunk of rows.",
+]
+
+EMBED_SPEED_COLS = [
+    "experiment", "epochs", "T", "p_tilde", "N_occ", "repeats",
+    "plain_train_s", "capture_train_s", "capture_overhead", "capture_overhead_wall", "capture_pts_per_s",
+    "alg1_s", "alg1_pts_per_s", "alg1_gflops", "matmul_gflops", "matmul_over_alg1",
+    "alg2_w0_s", "alg2_w0_pts_per_s", "alg2_w2_s", "alg2_w2_pts_per_s", "alg2_vs_alg1_rel_diff",
+    "logra_s", "logra_pts_per_s",
+]
+EMBED_MEM_COLS = [
+    "experiment", "epochs", "k_in", "k_out", "p_tilde", "N_occ", "n_train",
+    "G_bytes_disk", "logra_bytes", "M_bytes", "mem_capture_bytes", "mem_alg1_bytes",
+    "mem_alg2_bytes", "mem_logra_bytes", "mem_method",
+]
+
+
+def _embed_grid(quick: bool) -> list[dict]:
+    if quick:
+        return [{"experiment": "tiny_mlp", "epochs": 2, "k_in": 32, "k_out": 16}]
+    # T sweep at the small projection, p̃ sweep at one epoch (Algorithm 2's p̃³ suffix
+    # products make the full grid too slow for a few minutes on two cores).
+    return [
+        {"experiment": "mnist_mlp", "epochs": 1, "k_in": 32, "k_out": 16},
+        {"experiment": "mnist_mlp", "epochs": 2, "k_in": 32, "k_out": 16},
+        {"experiment": "mnist_mlp", "epochs": 4, "k_in": 32, "k_out": 16},
+        {"experiment": "mnist_mlp", "epochs": 1, "k_in": 64, "k_out": 32},
+        {"experiment": "mnist_mlp", "epochs": 1, "k_in": 128, "k_out": 32},
+    ]
+
+
+def _matmul_seconds(rows: int, p: int, min_s: float = 0.2) -> float:
+    a = torch.randn(rows, p, dtype=torch.float64)
+    m = torch.randn(p, p, dtype=torch.float64)
+    a @ m  # warm-up
+    n, total = 0, 0.0
+    while total < min_s or n < 3:
+        t0 = time.perf_counter()
+        a @ m
+        total += time.perf_counter() - t0
+        n += 1
+    return total / n
+
+
+def _train_once(overrides: list[str]) -> tuple[float, float, Path]:
+    """(training-loop seconds, whole-call seconds, run dir) of a forced fresh training."""
+    from dve_repro import artifacts
+    from dve_repro.config import compose
+    from dve_repro.train import run_training
+
+    cfg = compose(overrides)
+    wall, path = _timed(lambda: run_training(cfg, force=True))
+    done = artifacts.read_json(Path(path) / artifacts.DONE)
+    return float(done.get("seconds", wall)), wall, Path(path)
+
+
+def _embed_warmup(sess: _Session, spec: dict) -> None:
+    """Untimed: first data load and lazy imports (one plain training), and the forkserver
+    that Algorithm 2's worker pools fork from (started once per process)."""
+    from dve_repro import embedding
+
+    _train_once(sess.overrides(f"experiment={spec['experiment']}", f"train.epochs={spec['epochs']}"))
+    g = torch.randn(16, 4, dtype=torch.float64)
+    embedding.algorithm2(g, list(range(0, 17, 2)), [0.1] * 8, [0, 4, 8], workers=2)
+
+
+def _embed_round(sess: _Session, cfg, spec_ov: list[str], train_threads: list[int], flip: bool,
+                 add: Callable[[str, float], None], info: dict) -> None:
+    """One round of every alternative for one (T, p̃) configuration, one after the other."""
+    from dve_repro import embedding
+    from dve_repro.embed import make_featurizer, query_features
+    from dve_repro.replay import TrainedRun
+    from dve_repro.trajectory import Trajectory
+
+    # training: alternate which goes first, so neither always sees a warm cache
+    cap_path = None
+    for th in train_threads:
+        tag = "" if th == sess.threads else f"_{th}t"
+        for kind in (["capture", "plain"] if flip else ["plain", "capture"]):
+            ov = sess.overrides(*spec_ov, f"trajectory.capture={str(kind == 'capture').lower()}", threads=th)
+            loop_s, wall_s, path = _train_once(ov)
+            add(f"{kind}{tag}_train_s", loop_s)
+            add(f"{kind}{tag}_wall_s", wall_s)
+            cap_path = path if kind == "capture" else cap_path
+    torch.set_num_threads(sess.threads)
+    assert cap_path is not None
+
+    # Algorithm 1 / 2 on the captured G, in memory, float64
+    G = torch.from_numpy(np.load(cap_path / "grads" / "G.npy"))
+    traj = Trajectory.load(cap_path)
+    offsets, w, T = traj.offsets(), traj.lrs / traj.sizes(), len(traj)
+    n_occ, p = G.shape
+    batch = int(cfg.train.batch_size)
+    s, (E1, _) = _timed(lambda: embedding.algorithm1(G, offsets, w))
+    add("alg1_s", s)
+    add("matmul_s", _matmul_seconds(batch, p))
+    bounds = [round(k * T / K_SEGMENTS) for k in range(K_SEGMENTS + 1)]
+    scale = float(E1.abs().max()) or 1.0
+    rel = []
+    for workers in (0, 2):
+        s, res = _timed(lambda wk=workers: embedding.algorithm2(G, offsets, w, bounds, workers=wk))
+        add(f"alg2_w{workers}_s", s)
+        rel.append(float((res.embeddings - E1).abs().max()) / scale)
+        del res
+    add("alg2_vs_alg1_rel_diff", max(rel))
+    E1 = None  # free before the LoGra pass
+
+    # LoGra-style: every training point's projected gradient at θ_T, one pass
+    run = TrainedRun.load(cap_path)
+    feat = make_featurizer(cfg, run)
+    if feat.projector.out_dim != p:
+        raise RuntimeError(f"projector p̃={feat.projector.out_dim} but G has {p} columns")
+    final = run.final_params()
+    s, rows = _timed(lambda: query_features(feat, final, run.task.x_train, run.task.y_train))
+    add("logra_s", s)
+    proj_bytes = sum(8 * x.numel() for i in range(len(feat.blocks))
+                     for x in feat.projector.kron_factors(i, torch.float64, "cpu") if x is not None)
+    info.update(T=T, N_occ=n_occ, p_tilde=p, batch=batch, n_train=run.task.n_train, proj_bytes=proj_bytes,
+                G_bytes_disk=os.path.getsize(cap_path / "grads" / "G.npy"),
+                logra_bytes=int(rows.shape[0] * rows.shape[1] * 8))
+
+
+def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
+               other_threads: Sequence[int]) -> dict:
+    from dve_repro.config import compose
+
+    spec_ov = [f"experiment={spec['experiment']}", f"train.epochs={spec['epochs']}", "projection=kronecker",
+               f"projection.k_in={spec['k_in']}", f"projection.k_out={spec['k_out']}"]
+    cfg = compose(sess.overrides(*spec_ov, "trajectory.capture=true"))
+    train_threads = [sess.threads, *[t for t in other_threads if t != sess.threads]]
+    m: dict[str, list[float]] = {}
+    info: dict[str, Any] = {}
+    row_t0 = time.perf_counter()
+    rounds, last = 0, 0.0
+    while rounds < repeats and (rounds == 0 or time.perf_counter() - row_t0 + last <= row_budget_s):
+        r0 = time.perf_counter()
+        _embed_round(sess, cfg, spec_ov, train_threads, rounds % 2 == 1,
+                     lambda k, v: m.setdefault(k, []).append(v), info)
+        rounds += 1
+        last = time.perf_counter() - r0
+
+    med = {k: _median(v) for k, v in m.items()}
+    n_occ, p, n_train, batch = info["N_occ"], info["p_tilde"], info["n_train"], info["batch"]
+    alg1_gflops = 4.0 * n_occ * p * p / med["alg1_s"] / 1e9
+    matmul_gflops = 2.0 * batch * p * p / med["matmul_s"] / 1e9
+    chunk_rows = min(64 * batch, n_occ)
+    extra = {}
+    for th in other_threads:
+        if th != sess.threads:
+            plain, cap = med[f"plain_{th}t_train_s"], med[f"capture_{th}t_train_s"]
+            extra |= {f"plain_train_{th}t_s": plain, f"capture_train_{th}t_s": cap,
+                      f"capture_overhead_{th}t": cap / plain}
+    return {
+        "experiment": spec["experiment"], "epochs": spec["epochs"], "T": info["T"],
+        "k_in": spec["k_in"], "k_out": spec["k_out"], "p_tilde": p, "N_occ": n_occ, "n_train": n_train,
+        "batch": batch, "repeats": rounds,
+        "plain_train_s": med["plain_train_s"], "capture_train_s": med["capture_train_s"],
+        "capture_overhead": med["capture_train_s"] / med["plain_train_s"],
+        "capture_overhead_wall": med["capture_wall_s"] / med["plain_wall_s"],
+        "capture_pts_per_s": n_occ / med["capture_train_s"],
+        **extra,
+        "alg1_s": med["alg1_s"], "alg1_pts_per_s": n_occ / med["alg1_s"],
+        "alg1_gflops": alg1_gflops, "matmul_gflops": matmul_gflops,
+        "matmul_over_alg1": matmul_gflops / alg1_gflops,
+        "alg2_w0_s": med["alg2_w0_s"], "alg2_w0_pts_per_s": n_occ / med["alg2_w0_s"],
+        "alg2_w2_s": med["alg2_w2_s"], "alg2_w2_pts_per_s": n_occ / med["alg2_w2_s"],
+        "alg2_vs_alg1_rel_diff": med["alg2_vs_alg1_rel_diff"],
+        "logra_s": med["logra_s"], "logra_pts_per_s": n_train / med["logra_s"],
+        "G_bytes_disk": info["G_bytes_disk"], "logra_bytes": info["logra_bytes"],
+        "M_bytes": p * p * 8,
+        "mem_capture_bytes": batch * p * 8 + info["proj_bytes"],
+        "mem_alg1_bytes": 2 * n_occ * p * 8 + p * p * 8 + chunk_rows * p * 8,
+        "mem_alg2_bytes": 2 * n_occ * p * 8 + (K_SEGMENTS + 2) * p * p * 8,
+        "mem_logra_bytes": info["logra_bytes"] + 256 * p * 8 + info["proj_bytes"],
+        "mem_method": "analytic",
+    }
+
+
+def bench_embed(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None,
+                row_budget_s: float = 75.0, other_threads: Sequence[int] = (1,),
+                keep_runs: bool = False) -> pd.DataFrame:
+    """Capture, Algorithm 1 / 2 and the LoGra-style alternative on the MNIST MLP.
+
+    One row per (T, p̃) configuration; writes ``out_dir/embed.csv`` and ``out_dir/embed.md``.
+    ``quick``: the tiny MLP, one repeat. A row stops repeating once another round would
+    take it past ``row_budget_s`` (its ``repeats`` column says how many rounds ran).
+    ``other_threads``: thread counts at which the two trainings are also timed (columns
+    ``*_{n}t``), since small-op training is sensitive to threads on a shared machine.
+    """
+    out_dir = Path(out_dir)
+    repeats = repeats or (1 if quick else 3)
+    rows = []
+    with _Session(out_dir, threads, keep_runs) as sess:
+        grid = _embed_grid(quick)
+        _embed_warmup(sess, grid[0])
+        for spec in grid:
+            sess.say(f"bench embed: {spec} …")
+            row = _embed_row(sess, spec, repeats, row_budget_s, other_threads)
+            rows.append(row)
+            sess.say(f"  p̃={row['p_tilde']} N_occ={row['N_occ']}: capture ×{row['capture_overhead']:.2f}, "
+                     f"alg1 {row['alg1_s']:.2f}s ({row['alg1_gflops']:.1f} GFLOP/s), "
+                     f"alg2 {row['alg2_w0_s']:.2f}s / {row['alg2_w2_s']:.2f}s, logra {row['logra_s']:.2f}s")
+        df = pd.DataFrame(rows)
+        speed_cols = list(EMBED_SPEED_COLS)
+        at = speed_cols.index("capture_pts_per_s") + 1
+        speed_cols[at:at] = [c for th in other_threads if th != threads
+                             for c in (f"plain_train_{th}t_s", f"capture_train_{th}t_s", f"capture_overhead_{th}t")]
+        header = _header("dve bench embed" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
+        _write_outputs(out_dir, "embed", df, header, EMBED_NOTES,
+                       [("Speed", speed_cols), ("Memory and storage", EMBED_MEM_COLS)])
+        if sess.show:
+            _print_table("dve bench embed — speed", df, speed_cols)
+            _print_table("dve bench embed — memory and storage", df, EMBED_MEM_COLS)
+    return df
+
+
+# ----------------------------------------------------------------------------- bench tsloo
+TSLOO_COLS = [
+    "method", "threads", "chunk", "setting", "n_jobs", "timed_jobs", "seconds", "jobs_per_s",
+    "s_per_job", "speedup_vs_naive", "max_abs_diff", "max_abs_delta", "repeats", "note",
+]
+
+
+def bench_tsloo(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None,
+                n_points: int | None = None, chunks: Sequence[int] | None = None,
+                naive_per_setting: int | None = None, other_threads: Sequence[int] = (1,),
+                keep_runs: bool = False) -> pd.DataFrame:
+    """Batched ground-truth retraining vs one naive retraining per job, on the same jobs.
+
+    Jobs: ``make_jobs`` for ``n_points`` uniformly chosen points, settings single and all
+    (convention keep). The batched path runs every job for each chunk size; the naive path
+    retrains ``naive_per_setting`` jobs of each setting from θ_0 and is extrapolated per job.
+    ``other_threads``: extra thread counts at which the naive path and the largest chunk
+    are timed too (same rounds). Writes ``out_dir/tsloo.csv`` and ``out_dir/tsloo.md``.
+    """
+    from dve_repro import tsloo
+    from dve_repro.config import compose
+    from dve_repro.replay import TrainedRun
+    from dve_repro.train import run_training
+
+    out_dir = Path(out_dir)
+    repeats = repeats or (1 if quick else 3)
+    n_points = n_points or (4 if quick else 32)
+    chunks = list(chunks or ((2, 4) if quick else (8, 16, 32)))
+    naive_per_setting = naive_per_setting or (1 if quick else 4)
+    settings = ["single", "all"]
+    with _Session(out_dir, threads, keep_runs) as sess:
+        experiment = "tiny_mlp" if quick else "mnist_mlp"
+        cfg = compose(sess.overrides(f"experiment={experiment}"))
+        run = TrainedRun.load(run_training(cfg))
+        points = tsloo.select_points(run, n_points, "uniform", 0)
+        jobs = tsloo.make_jobs(run, points, settings, ["keep"])
+        by_setting = {st: [j for j, job in enumerate(jobs) if job.setting == st] for st in settings}
+        naive_ids = [j for st in settings for j in by_setting[st][:naive_per_setting]]
+        base = tsloo._val_losses(run, run.final_params())
+        thread_list = [threads, *[t for t in other_threads if t != threads]]
+        # timings[(method, threads, chunk, setting)] -> per-round seconds (summed over jobs)
+        timings: dict[tuple, list[float]] = {}
+        results: dict[tuple, np.ndarray] = {}
+        sess.say(f"bench tsloo: {len(jobs)} jobs (T={run.T}), chunks {chunks}, threads {thread_list}")
+        for r in range(repeats):
+            for th in thread_list:
+                torch.set_num_threads(th)
+                per = dict.fromkeys(settings, 0.0)
+                naive_out = {}
+                for j in naive_ids:
+                    s, d = _timed(lambda j=j: tsloo.naive_delta(run, jobs[j], base))
+                    per[jobs[j].setting] += s
+                    naive_out[j] = d
+                for st in settings:
+                    timings.setdefault(("naive", th, 0, st), []).append(per[st])
+                if r == 0:
+                    results[("naive", th, 0)] = naive_out
+                for c in chunks if th == threads else [max(chunks)]:
+                    per = dict.fromkeys(settings, 0.0)
+                    delta = np.empty((len(jobs), 1 + run.task.x_val.shape[0]))
+                    for ids in tsloo.chunks_of(jobs, c):
+                        s, d = _timed(lambda ids=ids: tsloo.batched_delta(run, [jobs[j] for j in ids]))
+                        delta[ids] = d
+                        per[jobs[ids[0]].setting] += s
+                    for st in settings:
+                        timings.setdefault(("batched", th, c, st), []).append(per[st])
+                    if r == 0:
+                        results[("batched", th, c)] = delta
+            torch.set_num_threads(threads)
+            sess.say(f"  round {r + 1}/{repeats} done ({time.perf_counter() - sess.started:.0f}s)")
+
+        reference = results[("naive", threads, 0)]
+        rows = []
+        for th in thread_list:
+            naive_per_job = {}
+            for st in settings:
+                timed = [j for j in naive_ids if jobs[j].setting == st]
+                naive_per_job[st] = _median(timings[("naive", th, 0, st)]) / len(timed)
+            naive_per_job["single+all"] = _median(
+                [sum(x) for x in zip(*(timings[("naive", th, 0, st)] for st in settings), strict=True)]
+            ) / len(naive_ids)
+            groups = [*settings, "single+all"]
+            for st in groups:
+                ids = [j for s_ in (settings if st == "single+all" else [st]) for j in by_setting[s_]]
+                timed = [j for j in naive_ids if j in ids]
+                spj = naive_per_job[st]
+                rows.append({
+                    "method": "naive", "threads": th, "chunk": None, "setting": st, "n_jobs": len(ids),
+                    "timed_jobs": len(timed), "seconds": spj * len(ids), "jobs_per_s": 1.0 / spj,
+                    "s_per_job": spj, "speedup_vs_naive": 1.0, "max_abs_diff": None,
+                    "max_abs_delta": float(np.abs(np.stack([reference[j] for j in timed])).max()),
+                    "repeats": repeats,
+                    "note": f"timed on {len(timed)} of {len(ids)} jobs (each from θ_0), extrapolated per job",
+                })
+            for c in chunks if th == threads else [max(chunks)]:
+                delta = results[("batched", th, c)]
+                for st in groups:
+                    sts = settings if st == "single+all" else [st]
+                    ids = [j for s_ in sts for j in by_setting[s_]]
+                    secs = _median([sum(x) for x in zip(*(timings[("batched", th, c, s_)] for s_ in sts),
+                                                         strict=True)])
+                    timed = [j for j in naive_ids if j in ids]
+                    diff = max(float(np.abs(delta[j] - reference[j]).max()) for j in timed)
+                    n_chunks = sum(1 for ids_ in tsloo.chunks_of(jobs, c) if ids_[0] in ids)
+                    rows.append({
+                        "method": "batched", "threads": th, "chunk": c, "setting": st, "n_jobs": len(ids),
+                        "timed_jobs": len(ids), "seconds": secs, "jobs_per_s": len(ids) / secs,
+                        "s_per_job": secs / len(ids), "speedup_vs_naive": naive_per_job[st] / (secs / len(ids)),
+                        "max_abs_diff": diff, "max_abs_delta": float(np.abs(delta[ids]).max()),
+                        "repeats": repeats,
+                        "note": f"all jobs, {n_chunks} chunk(s); diff vs naive on its {len(timed)} jobs",
+                    })
+        df = pd.DataFrame(rows, columns=TSLOO_COLS)
+        df["chunk"] = df["chunk"].astype("Int64")
+        starts = sorted({job.start for job in jobs})
+        notes = [
+            f"Run: `experiment={experiment}` (T={run.T} steps, {run.task.n_train} training points, "
+            f"checkpoints {run.checkpoints}); {n_points} points chosen uniformly (seed 0), settings "
+            f"single and all, convention keep: {len(jobs)} jobs starting at checkpoints {starts}.",
+            "batched = `tsloo.batched_delta` over `tsloo.chunks_of(jobs, chunk)` (a chunk never spans "
+            "two start checkpoints, so a chunk ≥ the jobs per start behaves like one chunk per start); "
+            "naive = `tsloo.naive_delta` (one full retraining from θ_0 per job).",
+            "Medians over `repeats` rounds; within a round naive and every chunk size run one after the "
+            "other. `speedup_vs_naive` compares seconds per job with the naive path at the same thread count.",
+            "`max_abs_diff` = max |batched − naive| over the naive-timed jobs and all 1 + N_val columns "
+            "(mean validation loss and per point); `max_abs_delta` = the largest |Δ loss| for scale.",
+        ]
+        header = _header("dve bench tsloo" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
+        _write_outputs(out_dir, "tsloo", df, header, notes, [("Ground-truth retraining", TSLOO_COLS)])
+        if sess.show:
+            _print_table("dve bench tsloo", df, [c for c in TSLOO_COLS if c != "note"])
+    return df

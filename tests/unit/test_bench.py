@@ -1,0 +1,39 @@
+"""Benchmarks: each one runs end to end in its quick mode and writes a well-formed table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dve_repro.bench import EMBED_MEM_COLS, EMBED_SPEED_COLS, TSLOO_COLS, bench_embed, bench_tsloo
+
+
+def _positive(df: pd.DataFrame, cols: list[str]) -> None:
+    for c in cols:
+        values = pd.to_numeric(df[c], errors="coerce").dropna()
+        assert len(values), c
+        assert (values > 0).all(), (c, values.tolist())
+
+
+def test_quick_benchmarks_write_positive_tables(tmp_path):
+    embed = bench_embed(tmp_path, quick=True, threads=1)  # one thread: fastest for tiny models
+    assert len(embed) == 1
+    assert set(EMBED_SPEED_COLS) | set(EMBED_MEM_COLS) <= set(embed.columns)
+    _positive(embed, [c for c in EMBED_SPEED_COLS + EMBED_MEM_COLS
+                      if c not in ("experiment", "mem_method", "alg2_vs_alg1_rel_diff")])
+    assert (embed["alg2_vs_alg1_rel_diff"] < 1e-8).all()
+    assert embed["G_bytes_disk"].iloc[0] >= embed["N_occ"].iloc[0] * embed["p_tilde"].iloc[0] * 8
+
+    ts = bench_tsloo(tmp_path, quick=True, threads=1)
+    assert list(ts.columns) == TSLOO_COLS
+    assert set(ts["method"]) == {"naive", "batched"}
+    assert set(ts["setting"]) == {"single", "all", "single+all"}
+    _positive(ts, ["threads", "n_jobs", "timed_jobs", "seconds", "jobs_per_s", "s_per_job",
+                   "speedup_vs_naive", "max_abs_delta", "repeats"])
+    assert (ts.loc[ts["method"] == "batched", "max_abs_diff"] < 1e-10).all()
+
+    for name in ("embed", "tsloo"):
+        assert (tmp_path / f"{name}.csv").is_file()
+        md = (tmp_path / f"{name}.md").read_text()
+        assert f"`dve bench {name} --quick`" in md and "torch threads" in md and "cpu count" in md
+        assert len(pd.read_csv(tmp_path / f"{name}.csv")) == len(embed if name == "embed" else ts)
+    assert not (tmp_path / "_runs").exists()  # scratch runs are cleaned up
