@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv test test-slow lint format reproduce bench train clean-runs
+.PHONY: help venv test test-slow lint format reproduce ablate bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ train: $(STAMP) ## Train the default MNIST experiment
 
 reproduce: $(STAMP) ## Regenerate every committed result and figure under results/
 	$(VENV)/bin/dve compare-tsloo experiment=mnist_mlp
+
+ablate: $(STAMP) ## Ablation map (projection, M blocks, lr, epochs, activation) → results/mnist_ablation/ablations/
+	$(VENV)/bin/dve ablate experiment=mnist_ablation "projection.k_in=16,32,64,128" "embed.blocks=full,layer" \
+		"optim.lr=0.05,0.1,0.2,0.4" "train.epochs=1,3,5" "model.activation=relu,tanh,gelu,softplus"
 
 bench: $(STAMP) ## Embedding and ground-truth benchmarks → results/bench/
 	$(VENV)/bin/dve bench embed

@@ -94,7 +94,7 @@ def influence_function(run: TrainedRun, queries: Tensors, damping: float, iters:
     b_norm = rs.sqrt()
     it = 0
     with ui.bar("influence (CG)", total=iters, unit="it") as bar:
-        for it in range(1, iters + 1):
+        for it in range(1, iters + 1):  # noqa: B007 (the count is reported)
             Ap = A(p)
             alpha = rs / dot(p, Ap)
             shape = lambda a, v: a.view(-1, *([1] * (v.dim() - 1)))  # noqa: E731

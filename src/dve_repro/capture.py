@@ -170,9 +170,8 @@ class GradientStore:
         with artifacts.atomic_path(self.folder / "done.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, self.done)
         if not (self.folder / "offsets.npy").is_file():
-            with artifacts.atomic_path(self.folder / "offsets.npy") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, self.offsets)
+            with artifacts.atomic_path(self.folder / "offsets.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, self.offsets)
 
     @property
     def complete(self) -> bool:

@@ -144,15 +144,40 @@ def compare_tsloo(
     shard: str = typer.Option(None, "--shard", help="Only compute ground-truth shard i/n (e.g. 0/2); "
                               "rerun without --shard once all shards are done to merge and compare."),
     force: bool = typer.Option(False, "--force", help="Recompute the comparison's cached method scores."),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Hydra multirun: sweep `key=a,b` overrides "
+                                  "(full product); each run writes to <results>/<overrides>/."),
 ) -> None:
     from dve_repro.compare import run_compare
 
-    cfg = _setup(overrides or [])
-    out = run_compare(cfg, results, force=force, shard=shard)
-    if out is None:
-        typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
-    else:
-        typer.echo(str(out))
+    jobs = [overrides or []]
+    if multirun:
+        from dve_repro.ablate import expand_multirun
+
+        jobs = expand_multirun(overrides or [])
+    for job in jobs:
+        cfg = _setup(job)
+        target = results
+        if multirun:
+            tag = ",".join(o for o in job if o not in (overrides or [])) or "base"
+            target = (results or Path("results") / cfg.name / "multirun") / tag
+        out = run_compare(cfg, target, force=force, shard=shard)
+        if out is None:
+            typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
+        else:
+            typer.echo(str(out))
+
+
+@app.command(help="Map where the estimator can be trusted: sweep each `key=a,b,c` override alone (others "
+             "fixed), run compare-tsloo for every value, and plot Spearman against each knob. " + OVERRIDE_HELP)
+@guarded
+def ablate(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>/ablations)."),
+) -> None:
+    from dve_repro.ablate import run_ablation
+
+    _setup([o for o in (overrides or []) if "," not in o.split("=", 1)[-1]])
+    typer.echo(str(run_ablation(overrides or [], results)))
 
 
 bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory and ratios → results/bench/.",

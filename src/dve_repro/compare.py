@@ -194,7 +194,8 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
     plt.close(fig)
 
 
-def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = False, shard: str | None = None) -> Path | None:
+def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = False, shard: str | None = None,
+                figures: bool = True) -> Path | None:
     """Train → embed → TSLOO → methods → tables and figures. Returns the results folder
     (None when only a shard of the ground truth was computed)."""
     from dve_repro.embed import run_embedding
@@ -230,7 +231,8 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     embed_meta = artifacts.read_json(embed_path / "embedding.json")
     title = (f"{cfg.name}: {run.task.description}; dvemb = {embed_meta['estimator']}, "
              f"p̃={embed_meta['p_tilde']}")
-    plot(summary, tidy, out, title)
+    if figures:
+        plot(summary, tidy, out, title)
     artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
     rd.mark_done({"results": str(out)})
     return out

@@ -108,7 +108,7 @@ def flip_labels(
     Returns (noisy labels [N], flipped indices [n] sorted, their true labels [n]).
     """
     rng = np.random.default_rng(seed)
-    n_flip = int(round(fraction * len(y)))
+    n_flip = round(fraction * len(y))
     idx = np.sort(rng.permutation(len(y))[:n_flip])
     y_noisy = y.copy()
     shift = rng.integers(1, n_classes, size=n_flip)  # 1..C-1: never the same class

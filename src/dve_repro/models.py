@@ -6,6 +6,8 @@ are built on the CPU in float64 or float32 and moved by the caller.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -30,7 +32,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [cfg.in_features, *cfg.hidden, cfg.n_classes]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(ACTIVATIONS[cfg.activation]())

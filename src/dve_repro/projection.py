@@ -26,6 +26,7 @@ from dve_repro.errors import DveError
 from dve_repro.grads import Block, layout_dim
 
 # Columns of the dense matrix generated per seed: fixed, so that P never depends on chunk_size.
+DENSE_CACHE_BYTES = 1 << 30  # keep the dense matrix in memory up to 1 GiB
 DENSE_BLOCK = 4096
 
 
@@ -119,9 +120,20 @@ class Projector:
         for j in range(start // DENSE_BLOCK, (stop - 1) // DENSE_BLOCK + 1):
             b0 = j * DENSE_BLOCK
             cols = min(DENSE_BLOCK, self.p - b0)
-            m = _gaussian(self.cfg.dim, cols, _seed(self.cfg.seed, j, 7), dtype, device)
+            m = self._dense_block(j, cols, dtype, device)
             parts.append(m[:, max(start, b0) - b0 : min(stop, b0 + cols) - b0])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _dense_block(self, j: int, cols: int, dtype, device) -> torch.Tensor:
+        """Block j of P, kept in memory while the whole matrix fits in DENSE_CACHE_BYTES
+        (regenerating it for every batch would dominate the cost of dense projection)."""
+        key = ("dense", j, dtype, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        m = _gaussian(self.cfg.dim, cols, _seed(self.cfg.seed, j, 7), dtype, device)
+        if self.cfg.dim * self.p * m.element_size() <= DENSE_CACHE_BYTES:
+            self._cache[key] = m
+        return m
 
     def dense_step(self) -> int:
         """Columns multiplied at a time: ``chunk_size`` rounded down to whole blocks (≥ 1 block)."""

@@ -153,7 +153,7 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
                 W[c][W[c] > 0] = 1.0 / (n - len(pos))
         grads = grad_fn(stack, x, y, W)
         lr = float(traj.lrs[t])
-        stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)
+        stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)  # noqa: B023 (called at once)
     with torch.no_grad():
         losses = vmap(lambda p: task.per_sample_loss(p, task.x_val.to(dtype), task.y_val))(stack)  # [P, N_val]
     d = losses[1:] - losses[:1]

@@ -22,6 +22,8 @@ so memory holds one segment of parameters. Valid for plain SGD (optionally weigh
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -64,9 +66,9 @@ def unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "hessian
     v = {k: t.clone() for k, t in queries.items()}
     ckpts = run.checkpoints
     with ui.bar(f"unroll ({curvature})", total=run.T, unit="step") as bar:
-        for a, b in reversed(list(zip(ckpts[:-1], ckpts[1:], strict=True))):
+        for a, b in reversed(list(itertools.pairwise(ckpts))):
             thetas: list[Tensors] = []
-            replay(run, start=a, stop=b, before_step=lambda t, p: thetas.append(p))
+            replay(run, start=a, stop=b, before_step=lambda t, p: thetas.append(p))  # noqa: B023
             for t in range(b - 1, a - 1, -1):
                 theta = thetas[t - a]
                 x, y = task.batch(traj.batches[t])

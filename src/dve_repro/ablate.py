@@ -1,0 +1,112 @@
+"""Ablations: where can the paper's estimator be trusted? (issue E1, beyond the paper)
+
+Sweeps use Hydra's multirun override syntax (``key=a,b,c``). :func:`expand_multirun`
+gives the full product, as ``hydra -m`` would; :func:`one_at_a_time` varies each swept key
+alone with every other key at its configured value, which is what a "correlation against
+each knob" figure needs. Each point is a full ``compare-tsloo`` run (cached in its own run
+directories); the small outputs are
+
+* ``results/<name>/ablations/ablations.csv`` — one row per (knob, value, method, setting):
+  Spearman and Pearson with the TSLOO ground truth;
+* ``results/<name>/ablations/ablations.{png,pdf}`` — Spearman against each knob;
+* ``results/<name>/ablations/COMMAND.txt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dve_repro import artifacts, ui
+from dve_repro.config import compose
+from dve_repro.errors import ConfigError
+
+SHOWN_METHODS = ("dvemb", "unrolled-hessian", "unrolled-gn", "unrolled-ef", "influence")
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:
+        raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+
+
+def expand_multirun(overrides: list[str]) -> list[list[str]]:
+    """Full product of the sweep overrides (Hydra's basic sweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    batches = BasicSweeper.split_arguments(_parse(overrides), None)
+    return [job for batch in batches for job in batch]
+
+
+def one_at_a_time(overrides: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(knob, value, overrides) for each value of each swept key, others held fixed."""
+    parsed = _parse(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    jobs = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            continue
+        key = o.get_key_element()
+        for value in expand_multirun([o.input_line]):
+            jobs.append((key, value[0].split("=", 1)[1], [*fixed, *value]))
+    if not jobs:
+        raise ConfigError("give at least one swept key, e.g. projection.k_in=16,32,64")
+    return jobs
+
+
+def run_ablation(overrides: list[str], results_dir: Path | None = None) -> Path:
+    from dve_repro.compare import run_compare
+
+    jobs = one_at_a_time(overrides)
+    base = compose([o for o in overrides if "," not in o.split("=", 1)[-1]])
+    out = Path(results_dir) if results_dir else Path("results") / base.name / "ablations"
+    rows = []
+    for n, (knob, value, ov) in enumerate(jobs, start=1):
+        ui.log(f"[{n}/{len(jobs)}] {knob}={value}")
+        cfg = compose(ov)
+        res = run_compare(cfg, out / "runs" / f"{knob}={value}", figures=False)
+        summary = artifacts.load_table(res / "summary.csv")
+        rows.append(summary.assign(knob=knob, value=value))
+    table = pd.concat(rows, ignore_index=True)
+    artifacts.save_table(out / "ablations.csv", table)
+    plot_ablation(table, out)
+    artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n")
+    return out
+
+
+def plot_ablation(table: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = table[table["convention"] == table["convention"].iloc[0]]
+    knobs = list(dict.fromkeys(table["knob"]))
+    settings = list(dict.fromkeys(table["setting"]))
+    fig, axes = plt.subplots(len(settings), len(knobs), figsize=(3.2 * len(knobs), 2.8 * len(settings)),
+                             squeeze=False, sharey=True)
+    for r, st in enumerate(settings):
+        for c, knob in enumerate(knobs):
+            ax = axes[r][c]
+            d = table[(table["knob"] == knob) & (table["setting"] == st)]
+            values = list(dict.fromkeys(d["value"]))
+            for m in SHOWN_METHODS:
+                dm = d[d["method"] == m].set_index("value")
+                if len(dm):
+                    ax.plot(range(len(values)), dm.loc[values, "spearman"], marker="o", ms=3, label=m)
+            ax.set_xticks(range(len(values)), values, fontsize=7, rotation=30)
+            ax.set_title(f"{knob} ({st}-epoch)", fontsize=8)
+            ax.axhline(0, color="black", lw=0.4)
+            if c == 0:
+                ax.set_ylabel("Spearman vs TSLOO", fontsize=8)
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        with artifacts.atomic_path(out / f"ablations.{ext}") as tmp:
+            fig.savefig(tmp, dpi=130, format=ext)
+    plt.close(fig)
