@@ -181,6 +181,7 @@ class TsllooConfig:
     conventions: list[str] = field(default_factory=lambda: ["keep"])  # keep | renormalize
     dtype: str = "float64"
     chunk_size: int = 64  # counterfactual copies advanced together; speed-only
+    workers: int = 0  # worker processes for the retraining chunks (0 = in-process); speed-only
 
 
 @dataclass
@@ -396,6 +397,7 @@ def validate(cfg: Config) -> None:
     for cv in ts.conventions:
         _one_of(cv, ("keep", "renormalize"), "tsloo.conventions[]")
     _check(ts.chunk_size > 0, f"tsloo.chunk_size must be > 0 (got {ts.chunk_size})")
+    _check(ts.workers >= 0, f"tsloo.workers must be >= 0 (got {ts.workers})")
     _one_of(ts.dtype, ("float32", "float64"), "tsloo.dtype")
     b = cfg.baselines
     _check(b.if_damping >= 0, f"baselines.if_damping must be >= 0 (got {b.if_damping})")
@@ -414,7 +416,7 @@ def validate(cfg: Config) -> None:
 # Sections (and fields) that change what a stage computes. Speed-only fields are dropped.
 _SPEED_ONLY = {
     "embed": {"workers", "engine", "chunk_steps", "max_matrix_gb"},
-    "tsloo": {"chunk_size"},
+    "tsloo": {"chunk_size", "workers"},
     "projection": {"chunk_size"},
 }
 

@@ -219,8 +219,8 @@ def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | No
     steps_total = sum(run.T - jobs[c[0]].start for c in todo)
     t0 = time.perf_counter()
     with ui.bar(f"tsloo {si}/{sn}" if sn > 1 else "tsloo", total=max(steps_total, 1), unit="step") as bar:
-        for c in todo:
-            delta[c] = batched_delta(run, [jobs[j] for j in c], dtype)
+        for c, rows in _compute_chunks(run, jobs, todo, dtype, tc.workers):
+            delta[c] = rows
             delta.flush()
             done[c] = True
             with artifacts.atomic_path(done_path) as tmp, open(tmp, "wb") as fh:
@@ -233,6 +233,36 @@ def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | No
     else:
         ui.log(f"shard {si}/{sn} finished; run the other shards, then rerun to merge")
     return rd.path
+
+
+def _compute_chunks(run: TrainedRun, jobs: list[Job], todo: list[list[int]], dtype: torch.dtype, workers: int):
+    """Yield (job ids, delta rows) per chunk: in this process, or spread over ``workers``
+    processes (one torch thread each; each loads the run itself)."""
+    if workers <= 0 or len(todo) <= 1:
+        for c in todo:
+            yield c, batched_delta(run, [jobs[j] for j in c], dtype)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {
+            pool.submit(_worker_chunk, str(run.path), run.device, [jobs[j] for j in c], str(dtype)): c
+            for c in todo
+        }
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+_WORKER_RUN: dict[str, TrainedRun] = {}
+
+
+def _worker_chunk(path: str, device: str, chunk: list[Job], dtype: str) -> np.ndarray:
+    torch.set_num_threads(1)
+    if path not in _WORKER_RUN:
+        _WORKER_RUN[path] = TrainedRun.load(path, device)
+    return batched_delta(_WORKER_RUN[path], chunk, getattr(torch, dtype.split(".")[-1]))
 
 
 def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:

@@ -1,0 +1,22 @@
+"""Ground truth spread over worker processes equals the in-process computation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dve_repro import tsloo
+from dve_repro.config import compose
+from dve_repro.replay import TrainedRun
+from dve_repro.train import run_training
+
+
+def test_workers_match_in_process(tiny, tmp_path):
+    base = tiny("tsloo.n_points=6", "tsloo.chunk_size=3", "tsloo.settings=[single]")
+    cfg = compose(base)
+    run = TrainedRun.load(run_training(cfg))
+    one = np.load(tsloo.run_tsloo(cfg, run) / "delta.npy")
+    cfg2 = compose([*base, f"runtime.out_root={tmp_path / 'workers'}", "tsloo.workers=2"])
+    run2 = TrainedRun.load(run_training(cfg2))
+    two = np.load(tsloo.run_tsloo(cfg2, run2) / "delta.npy")
+    assert np.abs(one).max() > 0
+    np.testing.assert_array_equal(one, two)
