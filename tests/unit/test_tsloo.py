@@ -106,7 +106,7 @@ def test_job_settings_and_starts(run_every4):
         for t in j.steps:
             assert j.index in run.traj.batches[t]
     chunks = chunks_of(jobs, 3)
-    assert sorted(sum(chunks, [])) == list(range(len(jobs)))
+    assert sorted(k for c in chunks for k in c) == list(range(len(jobs)))
     for c in chunks:
         assert len(c) <= 3 and len({jobs[k].start for k in c}) == 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dve_repro import tsloo
 from dve_repro.config import compose
@@ -10,6 +11,7 @@ from dve_repro.replay import TrainedRun
 from dve_repro.train import run_training
 
 
+@pytest.mark.slow  # spawns two processes that each import torch and load the data
 def test_workers_match_in_process(tiny, tmp_path):
     base = tiny("tsloo.n_points=6", "tsloo.chunk_size=3", "tsloo.settings=[single]")
     cfg = compose(base)
