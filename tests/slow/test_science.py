@@ -1,0 +1,69 @@
+"""E1 science checks (paper §5.1, Fig. 3) on the default experiment ``mnist_mlp``: DVEmb
+and the baselines against ground-truth TSLOO by retraining (float64, 200 points, SGD).
+
+The whole pipeline (train → TSLOO → embed → unrolled scores and baselines) runs once per
+module in a temporary folder; it takes a few minutes on CPU. Thresholds are set from the
+measured values (given in comments) with a margin of about 0.05.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dve_repro.config import compose
+
+pytestmark = pytest.mark.slow
+
+# DVEmb (Kronecker projection, empirical-Fisher curvature) vs single-epoch TSLOO, mean
+# validation loss, keep convention: measured 0.792 (all-epoch: 0.705); threshold = measured - 0.05.
+DVEMB_SINGLE_MIN = 0.74
+# Exact first-order unrolled influence (tanh MLP): measured 0.9998 single, 0.9995 all-epoch.
+UNROLLED_HESSIAN_MIN = 0.99
+# Influence function at θ_T: measured 0.487 single, 0.601 all-epoch (DVEmb wins by 0.30 and 0.10).
+# The whole module took ~16 min on 2 CPUs (TSLOO, embed, 5 curvatures, influence CG).
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory) -> pd.DataFrame:
+    from dve_repro.compare import run_compare
+
+    tmp = tmp_path_factory.mktemp("science")
+    cfg = compose(["experiment=mnist_mlp", f"runtime.out_root={tmp / 'runs'}", "runtime.progress=false"])
+    assert cfg.model.activation == "tanh", "the unrolled-Hessian check needs a smooth activation"
+    out = run_compare(cfg, results_dir=tmp / "results")
+    assert out is not None
+    s = pd.read_csv(out / "summary.csv")
+    return s[s["convention"] == "keep"].set_index(["method", "setting"])
+
+
+def rho(summary: pd.DataFrame, method: str, setting: str) -> float:
+    return float(summary.loc[(method, setting), "spearman"])
+
+
+def test_dvemb_tracks_single_epoch_tsloo(summary):
+    r = rho(summary, "dvemb", "single")
+    assert r > DVEMB_SINGLE_MIN, (
+        f"DVEmb's Spearman correlation with retrained single-epoch TSLOO (mean validation loss, "
+        f"keep convention) is {r:.3f}; expected > {DVEMB_SINGLE_MIN} — the data value embedding no longer "
+        "ranks training points by their true trajectory-specific leave-one-out effect"
+    )
+
+
+@pytest.mark.parametrize("setting", ["single", "all"])
+def test_dvemb_beats_influence_function(summary, setting):
+    d, i = rho(summary, "dvemb", setting), rho(summary, "influence", setting)
+    assert d > i, (
+        f"{setting}-epoch removal: DVEmb Spearman {d:.3f} does not beat the influence function's {i:.3f} "
+        "(the trajectory-specific estimate should track TSLOO better than the trajectory-agnostic one)"
+    )
+
+
+@pytest.mark.parametrize("setting", ["single", "all"])
+def test_unrolled_hessian_is_nearly_exact(summary, setting):
+    r = rho(summary, "unrolled-hessian", setting)
+    assert r >= UNROLLED_HESSIAN_MIN, (
+        f"{setting}-epoch removal: exact first-order unrolled influence (tanh MLP, no projection) has "
+        f"Spearman {r:.4f} with retrained TSLOO; expected >= {UNROLLED_HESSIAN_MIN} — removing one point "
+        "is a tiny perturbation, so first order should be near exact"
+    )
