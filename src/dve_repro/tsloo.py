@@ -118,14 +118,18 @@ def naive_delta(run: TrainedRun, job: Job, base: torch.Tensor | None = None) -> 
 
 
 def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Replay ``jobs`` (same start checkpoint) together; returns [len(jobs), 1 + N_val]."""
+    """Replay ``jobs`` (same start checkpoint) together; returns [len(jobs), 1 + N_val].
+
+    Copy 0 of the stack is the reference (nothing removed). A job's copy is identical to the
+    reference until its first removal, so it joins the stack only then, as a clone of the
+    reference at that step: each copy costs the steps from its first removal to T.
+    """
     start = jobs[0].start
     assert all(j.start == start for j in jobs)
     task, traj, cfg = run.task, run.traj, run.cfg
     params, state = run.load_params(start)
-    P = len(jobs) + 1  # copy 0 is the reference (nothing removed)
-    stack = {k: v.to(dtype).unsqueeze(0).repeat(P, *([1] * v.dim())) for k, v in params.items()}
-    sstack = {k: v.to(dtype).unsqueeze(0).repeat(P, *([1] * v.dim())) for k, v in state.items()}
+    stack = {k: v.to(dtype).unsqueeze(0) for k, v in params.items()}
+    sstack = {k: v.to(dtype).unsqueeze(0) for k, v in state.items()}
     model = task.model
 
     def weighted_loss(p, x, y, w):
@@ -134,16 +138,33 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
         return (task.per_sample_loss_from_logits(logits, y) * w).sum()
 
     grad_fn = vmap(grad(weighted_loss), in_dims=(0, None, None, 0))
+    # Copies join in order of their first removed step (jobs removing nothing join at T).
+    order = sorted(range(len(jobs)), key=lambda j: min(jobs[j].steps, default=run.T))
+    joins = [min(jobs[j].steps, default=run.T) for j in order]
     removal: dict[int, list[tuple[int, int, bool]]] = {}
-    for c, job in enumerate(jobs, start=1):
-        for t in job.steps:
-            removal.setdefault(t, []).append((c, job.index, job.convention == "renormalize"))
+    for c, j in enumerate(order, start=1):
+        for t in jobs[j].steps:
+            removal.setdefault(t, []).append((c, jobs[j].index, jobs[j].convention == "renormalize"))
+
+    def join(upto: int, active: int) -> int:
+        """Append clones of the reference for every copy whose first removal is ≤ ``upto``."""
+        nonlocal stack, sstack
+        new = active
+        while new - 1 < len(joins) and joins[new - 1] <= upto:
+            new += 1
+        if new > active:
+            stack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in stack.items()}
+            sstack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in sstack.items()}
+        return new
+
+    active = 1
     for t in range(start, run.T):
+        active = join(t, active)
         batch = traj.batches[t]
         x, y = task.batch(batch)
         x = x.to(dtype) if x.is_floating_point() else x
         n = len(batch)
-        W = torch.full((P, n), 1.0 / n, dtype=dtype, device=run.device)
+        W = torch.full((active, n), 1.0 / n, dtype=dtype, device=run.device)
         for c, i, renorm in removal.get(t, ()):
             pos = np.flatnonzero(batch == i)
             if not len(pos):
@@ -154,10 +175,14 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
         grads = grad_fn(stack, x, y, W)
         lr = float(traj.lrs[t])
         stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)  # noqa: B023 (called at once)
+    active = join(run.T, active)
     with torch.no_grad():
         losses = vmap(lambda p: task.per_sample_loss(p, task.x_val.to(dtype), task.y_val))(stack)  # [P, N_val]
     d = losses[1:] - losses[:1]
-    return torch.cat([d.mean(dim=1, keepdim=True), d], dim=1).cpu().numpy()
+    rows = torch.cat([d.mean(dim=1, keepdim=True), d], dim=1).cpu().numpy()
+    out = np.empty_like(rows)
+    out[np.asarray(order)] = rows
+    return out
 
 
 def tsloo_dir(cfg: Config) -> Path:
