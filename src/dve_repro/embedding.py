@@ -382,7 +382,8 @@ def algorithm2(
                 for s, Sb in zip(spans, S, strict=True):
                     E_fin[:, s] = E_loc[:, s] @ Sb.T
                 _write(out, r0, r1, E_fin)
-        S = [Q.clone() for Q in Qs[k]] if S is None else [Sb @ Q for Sb, Q in zip(S, Qs[k], strict=True)]
+        if k > 0:  # S_{k−1} = S_k Q_k; the product after the first segment would go unused
+            S = [Q.clone() for Q in Qs[k]] if S is None else [Sb @ Q for Sb, Q in zip(S, Qs[k], strict=True)]
     if dynamics is not None and squeeze:
         dynamics = dynamics[..., 0]
     return Algorithm2Result(out, [_as_output(Q, blocks) for Q in Qs], dynamics)
