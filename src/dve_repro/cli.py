@@ -180,6 +180,24 @@ def ablate(
     typer.echo(str(run_ablation(overrides or [], results)))
 
 
+@app.command("detect-mislabeled", help="E6: mislabeled-data detection with label noise. Trains and embeds "
+             "when needed, values every training point by DVEmb and baselines (influence, TracIn, "
+             "self-influence, gradient dot product, training loss), and writes AUROC / average precision "
+             "tables and detection curves to results/<experiment>/. experiment=cifar10_noise reads CIFAR-10 "
+             "from data.root; experiment=mnist_noise is the MNIST stand-in. " + OVERRIDE_HELP)
+@guarded
+def detect_mislabeled(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    force: bool = typer.Option(False, "--force", help="Recompute the cached method values."),
+) -> None:
+    from dve_repro.detect import run_detect
+
+    cfg = _setup(overrides or [])
+    command = " ".join(["dve detect-mislabeled", *(overrides or [])])
+    typer.echo(str(run_detect(cfg, results, force=force, command=command)))
+
+
 bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory and ratios → results/bench/.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -205,6 +223,43 @@ def bench_tsloo(
     from dve_repro.bench import bench_tsloo as run
 
     run(out, quick=quick)
+
+
+analyze_app = typer.Typer(help="Language-model analyses (E3, E4) from an embedding run → results/<experiment>/.",
+                          no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+_COMPUTE_HELP = "Train and embed when missing (default); --no-compute gives a one-line error naming the command."
+
+
+@analyze_app.command("phases", help="E3 (paper Fig. 1a): per training step, the mean influence of its batch on "
+                     "the final validation loss divided by η_t, with warm-up / basin / late regions and their "
+                     "ratios → phases.{csv,md,png,pdf}. " + OVERRIDE_HELP)
+@guarded
+def analyze_phases(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
+) -> None:
+    from dve_repro.analyze import run_phases
+
+    cfg = _setup(overrides or [])
+    typer.echo(str(run_phases(cfg, overrides or [], results, compute=compute)))
+
+
+@analyze_app.command("dynamics", help="E4 (paper Fig. 4): influence of the early / middle / late thirds of training "
+                     "points on every segment-boundary checkpoint, from Algorithm 2 (embed.algorithm=2) → "
+                     "dynamics.{csv,png,pdf}. " + OVERRIDE_HELP)
+@guarded
+def analyze_dynamics(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
+) -> None:
+    from dve_repro.analyze import run_dynamics
+
+    cfg = _setup(overrides or [])
+    typer.echo(str(run_dynamics(cfg, overrides or [], results, compute=compute)))
 
 
 def main() -> None:

