@@ -178,7 +178,7 @@ class TsllooConfig:
     selection: str = "uniform"  # uniform | balanced | all
     seed: int = 0
     settings: list[str] = field(default_factory=lambda: ["single", "all"])
-    conventions: list[str] = field(default_factory=lambda: ["keep"])  # keep | renormalize
+    conventions: list[str] = field(default_factory=lambda: ["keep", "renormalize"])  # keep | renormalize
     dtype: str = "float64"
     chunk_size: int = 64  # counterfactual copies advanced together; speed-only
     workers: int = 0  # worker processes for the retraining chunks (0 = in-process); speed-only
