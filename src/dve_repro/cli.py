@@ -146,6 +146,9 @@ def compare_tsloo(
     force: bool = typer.Option(False, "--force", help="Recompute the comparison's cached method scores."),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Hydra multirun: sweep `key=a,b` overrides "
                                   "(full product); each run writes to <results>/<overrides>/."),
+    per_point: bool = typer.Option(None, "--baselines/--no-baselines", help="Run the per-point baselines "
+                                   "(influence function, TracIn, grad-dot). Default: yes for classifiers, no for "
+                                   "language models. Skip the unrolled methods with `baselines.curvatures=[]`."),
 ) -> None:
     from dve_repro.compare import run_compare
 
@@ -160,7 +163,7 @@ def compare_tsloo(
         if multirun:
             tag = ",".join(o for o in job if o not in (overrides or [])) or "base"
             target = (results or Path("results") / cfg.name / "multirun") / tag
-        out = run_compare(cfg, target, force=force, shard=shard)
+        out = run_compare(cfg, target, force=force, shard=shard, per_point=per_point)
         if out is None:
             typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
         else:
@@ -221,6 +224,18 @@ def bench_tsloo(
     quick: bool = typer.Option(False, "--quick", help="A tiny run, one repeat."),
 ) -> None:
     from dve_repro.bench import bench_tsloo as run
+
+    run(out, quick=quick)
+
+
+@bench_app.command("lm", help="E2 on the CPU for pythia_tiny and pythia_14m: capture throughput and overhead, "
+                   "Algorithm 1 throughput and memory, storage, queries, recompute at θ_T.")
+@guarded
+def bench_lm(
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for lm.csv and lm.md."),
+    quick: bool = typer.Option(False, "--quick", help="pythia_tiny only, short sequences, two repeats."),
+) -> None:
+    from dve_repro.bench import bench_lm as run
 
     run(out, quick=quick)
 

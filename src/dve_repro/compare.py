@@ -51,10 +51,14 @@ def _cached(path: Path, compute) -> np.ndarray:
     return value
 
 
-def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path) -> tuple[dict, dict]:
+def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
+                  per_point: bool = True) -> tuple[dict, dict]:
     """Per-occurrence [N_occ, Q] and per-index [n_train, Q] scores of every method.
 
     Query 0 is the mean validation loss; queries 1..K the first K validation points.
+    ``baselines.curvatures=[]`` skips the unrolled methods and ``per_point=False`` the
+    per-point baselines (influence, TracIn, grad-dot): at language-model scale they cost
+    full-dimension Hessian-vector products or per-sample gradients over the whole model.
     """
     k = min(cfg.baselines.val_points, int(run.task.x_val.shape[0]))
     occ_scores: dict[str, np.ndarray] = {}
@@ -63,18 +67,29 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path) -
     occ_scores["dvemb"] = np.concatenate([mean[:, None], pts], axis=1)
     x_q, y_q = run.task.x_val, run.task.y_val
     final = run.final_params()
+    idx_scores: dict[str, np.ndarray] = {}
+    curvatures = list(cfg.baselines.curvatures)
+    if run.task.kind == "lm" and "gn" in curvatures:
+        ui.log("compare: unrolled-gn is defined for classifiers only; skipped for this language model")
+        curvatures.remove("gn")
+    if not curvatures and not per_point:
+        return occ_scores, idx_scores
     q = unroll.query_gradients(run, final, x_q, y_q)
     q = {n: v[: 1 + k] for n, v in q.items()}
-    for c in cfg.baselines.curvatures:
+    for c in curvatures:
         occ_scores[f"unrolled-{c}"] = _cached(
             cache / f"unrolled-{c}.npy",
             lambda c=c: unroll.unrolled_scores(run, q, c, cfg.embed.mc_samples, cfg.embed.mc_seed),
         )
-    idx_scores: dict[str, np.ndarray] = {}
+    if not per_point:
+        return occ_scores, idx_scores
     b = cfg.baselines
-    idx_scores["influence"] = _cached(
-        cache / "influence.npy", lambda: baselines.influence_function(run, q, b.if_damping, b.cg_iters, b.cg_tol)[0]
-    )
+    def influence() -> np.ndarray:
+        values, diag = baselines.influence_function(run, q, b.if_damping, b.cg_iters, b.cg_tol)
+        artifacts.write_json(cache / "influence_cg.json", {**diag, "damping": b.if_damping, "tol": b.cg_tol})
+        return values
+
+    idx_scores["influence"] = _cached(cache / "influence.npy", influence)
     idx_scores["tracin"] = _cached(cache / "tracin.npy", lambda: baselines.tracin(run, x_q, y_q, k))
     idx_scores["grad-dot"] = _cached(cache / "grad-dot.npy", lambda: baselines.grad_dot(run, q))
     return occ_scores, idx_scores
@@ -195,9 +210,10 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
 
 
 def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = False, shard: str | None = None,
-                figures: bool = True) -> Path | None:
+                figures: bool = True, per_point: bool | None = None) -> Path | None:
     """Train → embed → TSLOO → methods → tables and figures. Returns the results folder
-    (None when only a shard of the ground truth was computed)."""
+    (None when only a shard of the ground truth was computed). ``per_point`` runs the
+    per-point baselines; None = yes for classifiers, no for language models."""
     from dve_repro.embed import run_embedding
     from dve_repro.train import run_training
     from dve_repro.tsloo import load_ground_truth, run_tsloo
@@ -211,7 +227,9 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     rd = artifacts.RunDir(compare_dir(cfg), stage_payload(cfg, "compare"))
     rd.prepare(to_dict(cfg), run.device, force=force)
     jobs, truth = load_ground_truth(gt_path)
-    occ_scores, idx_scores = method_scores(cfg, run, embed_path, rd.path)
+    if per_point is None:
+        per_point = run.task.kind != "lm"
+    occ_scores, idx_scores = method_scores(cfg, run, embed_path, rd.path, per_point)
     est = estimates(run, jobs, occ_scores, idx_scores)
     k = next(iter(est.values())).shape[1] - 1
     truth = truth[:, : 1 + k]
@@ -234,5 +252,7 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     if figures:
         plot(summary, tidy, out, title)
     artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
+    if (rd.path / "influence_cg.json").is_file():  # did the inverse-Hessian solve converge?
+        artifacts.write_json(out / "influence_cg.json", artifacts.read_json(rd.path / "influence_cg.json"))
     rd.mark_done({"results": str(out)})
     return out

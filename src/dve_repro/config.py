@@ -186,7 +186,7 @@ class TsllooConfig:
 
 @dataclass
 class BaselinesConfig:
-    if_damping: float = 0.001
+    if_damping: float = 0.1
     cg_iters: int = 100
     cg_tol: float = 1e-10
     bootstrap: int = 1000

@@ -18,6 +18,7 @@ replay re-runs the very same floating-point operations (bit-for-bit, SPEC §5).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -47,10 +48,22 @@ Tensors = dict[str, torch.Tensor]
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc"]
 
 
-def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
-    """Per-sample losses [B] at θ and ∇_θ Σ_i w_i ℓ_i (w_i = 1/|B| for the mean loss)."""
+def autocast(dtype: str, device: torch.device | str):
+    """bf16 mixed precision for ``train.dtype=bfloat16`` (weights, optimizer state and the
+    update stay float32; the forward's matmuls run in bf16); a no-op context otherwise."""
+    if dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor, dtype: str = "float32") -> tuple[torch.Tensor, Tensors]:
+    """Per-sample losses [B] at θ and ∇_θ Σ_i w_i ℓ_i (w_i = 1/|B| for the mean loss).
+
+    ``dtype="bfloat16"``: the forward runs under autocast, the backward outside it (as
+    torch's AMP recipe has it); the loss itself is computed from float32 logits."""
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    losses = task.per_sample_loss(p, x, y)
+    with autocast(dtype, x.device):
+        losses = task.per_sample_loss(p, x, y)
     grads = torch.autograd.grad((losses * w).sum(), list(p.values()))
     return losses.detach(), dict(zip(p, grads, strict=True))
 
@@ -58,7 +71,7 @@ def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor) -> tuple[torc
 def train_step(task: Task, params: Tensors, state: Tensors, t: int, x, y, w: torch.Tensor, lr: float,
                cfg: Config) -> tuple[Tensors, Tensors, torch.Tensor]:
     """θ_{t+1} from θ_t: one optimizer step on the weighted batch loss. Returns losses [B] too."""
-    losses, grads = step_grads(task, params, x, y, w)
+    losses, grads = step_grads(task, params, x, y, w, cfg.train.dtype)
     new_p, new_s = update(params, grads, state, lr, t, cfg.optim)
     return {k: v.detach() for k, v in new_p.items()}, {k: v.detach() for k, v in new_s.items()}, losses
 
@@ -185,7 +198,10 @@ class _TrainCapture:
         if self.featurizer.engine == "hooks":
             with LinearFactorHooks(task.model, self.featurizer.blocks) as hooks:
                 new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
-            rows = self.featurizer.from_factors(hooks.factors(w))
+            factors = hooks.factors(w)
+            if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
+                factors = {k: (a.float(), b.float()) for k, (a, b) in factors.items()}
+            rows = self.featurizer.from_factors(factors)
         else:
             rows = self.featurizer.features(params, x, y)
             new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)

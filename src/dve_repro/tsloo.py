@@ -176,8 +176,9 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
         lr = float(traj.lrs[t])
         stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)  # noqa: B023 (called at once)
     active = join(run.T, active)
+    x_val = task.x_val.to(dtype) if task.x_val.is_floating_point() else task.x_val  # LM inputs are token ids
     with torch.no_grad():
-        losses = vmap(lambda p: task.per_sample_loss(p, task.x_val.to(dtype), task.y_val))(stack)  # [P, N_val]
+        losses = vmap(lambda p: task.per_sample_loss(p, x_val, task.y_val))(stack)  # [P, N_val]
     d = losses[1:] - losses[:1]
     rows = torch.cat([d.mean(dim=1, keepdim=True), d], dim=1).cpu().numpy()
     out = np.empty_like(rows)

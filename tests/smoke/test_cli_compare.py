@@ -41,14 +41,16 @@ def test_compare_tsloo_writes_tables_and_figures(tiny, tmp_path):
     assert list(tidy.columns) == TIDY_COLUMNS
     assert set(tidy["method"]) == METHODS
     assert set(tidy["setting"]) == {"single", "all"}
-    assert len(tidy) == 12 * 2 * len(METHODS)
+    assert set(tidy["convention"]) == {"keep", "renormalize"}
+    assert len(tidy) == 12 * 2 * 2 * len(METHODS)
     assert np.isfinite(tidy[["estimate", "truth"]].to_numpy()).all()
     # ground truth is the same for every method
     truth = tidy.pivot_table(index=["index", "setting"], columns="method", values="truth")
     assert (truth.nunique(axis=1) == 1).all()
 
     # influence gives one value per point: identical for single- and all-epoch removal
-    infl = tidy[tidy["method"] == "influence"].pivot(index="index", columns="setting", values="estimate")
+    keep = tidy[tidy["convention"] == "keep"]
+    infl = keep[keep["method"] == "influence"].pivot(index="index", columns="setting", values="estimate")
     assert len(infl) == 12
     np.testing.assert_array_equal(infl["single"].to_numpy(), infl["all"].to_numpy())
 
