@@ -25,6 +25,7 @@ Per-point baselines give one value whatever the setting: ``influence``, ``tracin
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,8 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
                 ax.set_xlabel("TSLOO (retrained)", fontsize=7)
             if c == 0:
                 ax.set_ylabel("estimate", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    # wrapped to the figure's width: with one or two methods the title is wider than the plots
+    fig.suptitle(textwrap.fill(title, width=max(40, int(16 * 2.6 * len(methods)))), fontsize=10 if len(methods) > 2 else 7)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         with artifacts.atomic_path(out / f"scatter.{ext}") as tmp:
