@@ -196,7 +196,7 @@ def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, c
     out = _results_dir(cfg, results)
     artifacts.save_table(out / "phases.csv", table)
     md = [f"# {cfg.name}: influence of each step's batch on the final validation loss, ÷ η_t (paper Fig. 1a)",
-          "", f"Estimator: {meta['estimator']}; p̃ = {meta['p_tilde']}; left out of the gradients: "
+          "", f"Estimator: {meta['estimator']}; p̃ = {meta['p_tilde']}; gradients: "
           f"{meta['left_out']}.", "", f"T = {len(table)} steps; warm-up = first {cfg.schedule.warmup_steps}, "
           "late = last tenth, basin = between.", "", markdown_table(summary, "{:.4g}"),
           f"Signed means: warm-up ÷ basin = **{ratios['warmup_over_basin']:.3f}**; "

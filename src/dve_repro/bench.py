@@ -563,11 +563,12 @@ LM_NOTES = [
     "one gradient pass over the training set at θ_T (`recompute_pts_per_s`).",
     "`query_pts_per_s`: projected gradients of validation sequences at θ and their scores against "
     "every stored embedding row (a dot product each).",
-    "Only the block linears are captured (attention QKV and output, both MLP matrices); embeddings, "
-    "LayerNorms and lm_head are left out (`captured_params`).",
+    "`capture_layers` says which weights are captured (`model.capture_layers`; pythia_tiny: every "
+    "weight matrix — the block linears, the output head and the token embedding; the LayerNorms "
+    "are left out), `captured_params` how many parameters they hold.",
 ]
 LM_COLS = [
-    "model", "params", "captured_params", "device", "dtype", "batch", "seq_len", "p_tilde",
+    "model", "params", "capture_layers", "captured_params", "device", "dtype", "batch", "seq_len", "p_tilde",
     "plain_step_s", "capture_step_s", "capture_overhead", "train_pts_per_s", "capture_pts_per_s",
     "alg1_steps", "alg1_pts_per_s", "mem_alg1_bytes", "mem_full_M_bytes", "peak_gpu_bytes",
     "storage_bytes_per_point", "storage_run_bytes", "query_pts_per_s", "recompute_pts_per_s",
@@ -662,7 +663,7 @@ def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int 
     n_captured = sum(b.size for b in blocks)
     return {
         "model": cfg.model.preset, "params": sum(v.numel() for v in params.values()),
-        "captured_params": n_captured, "device": device, "dtype": cfg.train.dtype, "batch": B,
+        "capture_layers": cfg.model.capture_layers, "captured_params": n_captured, "device": device, "dtype": cfg.train.dtype, "batch": B,
         "seq_len": cfg.data.seq_len, "p_tilde": p,
         "plain_step_s": _median(t_plain), "capture_step_s": _median(t_cap),
         "capture_overhead": _median(t_cap) / _median(t_plain) - 1,
@@ -690,8 +691,8 @@ def bench_lm(out_dir: Path, quick: bool = False, *, threads: int = 2, steps: int
         df = pd.DataFrame(rows, columns=LM_COLS)
         header = _header("dve bench lm" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
     _write_outputs(out_dir, "lm", df, header, LM_NOTES,
-                   [("Throughput", [*LM_COLS[:15], "query_pts_per_s", "recompute_pts_per_s"]),
-                    ("Memory and storage", ["model", "p_tilde", *LM_COLS[15:20]])])
+                   [("Throughput", [*LM_COLS[:16], "query_pts_per_s", "recompute_pts_per_s"]),
+                    ("Memory and storage", ["model", "p_tilde", *LM_COLS[16:21]])])
     _print_table("bench lm", df, ["model", "p_tilde", "plain_step_s", "capture_overhead", "capture_pts_per_s",
                                   "alg1_pts_per_s", "query_pts_per_s", "recompute_pts_per_s",
                                   "storage_bytes_per_point"])

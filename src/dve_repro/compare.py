@@ -183,8 +183,10 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
                 ax.set_xlabel("TSLOO (retrained)", fontsize=7)
             if c == 0:
                 ax.set_ylabel("estimate", fontsize=7)
-    # wrapped to the figure's width: with one or two methods the title is wider than the plots
-    fig.suptitle(textwrap.fill(title, width=max(40, int(16 * 2.6 * len(methods)))), fontsize=10 if len(methods) > 2 else 7)
+    # wrapped to the figure's width (about 11 characters per inch at 10 pt, 16 at 7 pt)
+    size = 10 if len(methods) > 2 else 7
+    chars_per_inch = 11 if size == 10 else 16
+    fig.suptitle(textwrap.fill(title, width=int(chars_per_inch * 2.6 * len(methods))), fontsize=size)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         with artifacts.atomic_path(out / f"scatter.{ext}") as tmp:

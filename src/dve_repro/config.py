@@ -100,7 +100,7 @@ class GPTNeoXModelConfig:
     layer_norm_eps: float = 1e-5
     init_seed: int = 0
     expected_parameters: int = 0  # asserted when > 0 (Pythia-410M: 405,334,016)
-    capture_layers: str = "all"  # linears whose gradients DVEmb sees: all (block linears) | mlp
+    capture_layers: str = "all"  # layers whose gradients DVEmb sees: all (block linears) | mlp | all+head | all+head+embed
 
 
 DATA_SCHEMAS: dict[str, type] = {
@@ -350,7 +350,7 @@ def validate(cfg: Config) -> None:
     if isinstance(m, CNNConfig):
         _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
     if isinstance(m, GPTNeoXModelConfig):
-        _one_of(m.capture_layers, ("all", "mlp"), "model.capture_layers")
+        _one_of(m.capture_layers, ("all", "mlp", "all+head", "all+head+embed"), "model.capture_layers")
         _check(isinstance(d, TextDataConfig), "a gpt_neox model needs text data (data=text or data=pile)")
     if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
         _check(
@@ -430,27 +430,43 @@ def section(cfg: Config, name: str) -> dict[str, Any]:
     return out
 
 
+def _capture_layers(cfg: Config) -> dict[str, Any]:
+    """Which layers' gradients DVEmb sees (language models only): it shapes the captured or
+    recomputed gradients, never the trajectory."""
+    layers = getattr(cfg.model, "capture_layers", None)
+    return {} if layers is None else {"capture_layers": layers}
+
+
 def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
-    """What determines a stage's outputs (the run's identity)."""
-    train = {
-        k: section(cfg, k)
-        for k in ("data", "model", "optim", "schedule", "train", "trajectory")
-    }
-    train["seed"] = cfg.seed
+    """What determines a stage's outputs (the run's identity).
+
+    ``trajectory`` is the identity of the recorded run itself (parameters at every step); the
+    ground truth depends on nothing else, so changing what is captured (projection, layers,
+    curvature) retrains with capture but reuses the retraining ground truth.
+    """
+    model = {k: v for k, v in section(cfg, "model").items() if k != "capture_layers"}
+    trajectory = {k: section(cfg, k) for k in ("data", "optim", "schedule", "train")}
+    trajectory["model"] = model
+    trajectory["trajectory"] = {k: v for k, v in section(cfg, "trajectory").items() if k != "capture"}
+    trajectory["seed"] = cfg.seed
+    train = dict(trajectory)
     if cfg.trajectory.capture:
         # Captured gradients are part of the training run's outputs.
+        train["capture"] = True
         train["projection"] = section(cfg, "projection")
         train["capture_curvature"] = {
             "curvature": cfg.embed.curvature,
             "mc_samples": cfg.embed.mc_samples,
             "mc_seed": cfg.embed.mc_seed,
+            **_capture_layers(cfg),
         }
     if stage == "train":
         return train
     if stage == "embed":
-        return {"train": train, "projection": section(cfg, "projection"), "embed": section(cfg, "embed")}
+        return {"train": train, "projection": section(cfg, "projection"), "embed": section(cfg, "embed"),
+                **_capture_layers(cfg)}
     if stage == "tsloo":
-        return {"train": train, "tsloo": section(cfg, "tsloo")}
+        return {"trajectory": trajectory, "tsloo": section(cfg, "tsloo")}
     if stage == "compare":
         return {"train": train, "tsloo": section(cfg, "tsloo"), "projection": section(cfg, "projection"),
                 "embed": section(cfg, "embed"), "baselines": section(cfg, "baselines")}

@@ -33,10 +33,13 @@ LossFn = Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor]  # (params, 
 
 @dataclass(frozen=True)
 class Block:
-    """One gradient block. ``shape`` is (d_out, d_in + has_bias) for linear blocks."""
+    """One gradient block. ``shape`` is (d_out, d_in + has_bias) for linear blocks and
+    (embedding_dim, num_embeddings) for an ``nn.Embedding``: a lookup is a linear map of
+    the one-hot token, so its [V, d] weight gradient is laid out transposed, [d, V], and
+    projects like any linear layer's (``Σ_s g_s onehot(tok_s)ᵀ``)."""
 
     name: str  # module name
-    kind: str  # "linear" | "other"
+    kind: str  # "linear" | "embedding" | "other"
     params: tuple[str, ...]  # parameter names, in layout order
     shape: tuple[int, ...]
     has_bias: bool = False
@@ -61,6 +64,8 @@ def gradient_layout(model: nn.Module, modules: list[str] | None = None) -> list[
             has_bias = mod.bias is not None
             names = (f"{name}.weight", f"{name}.bias") if has_bias else (f"{name}.weight",)
             blocks.append(Block(name, "linear", names, (mod.out_features, mod.in_features + has_bias), has_bias))
+        elif isinstance(mod, nn.Embedding):
+            blocks.append(Block(name, "embedding", (f"{name}.weight",), (mod.embedding_dim, mod.num_embeddings)))
         else:
             blocks.append(Block(name, "other", tuple(full), (sum(p.numel() for _, p in own),)))
     return blocks
@@ -78,6 +83,8 @@ def to_blocks(grads: dict[str, torch.Tensor], blocks: list[Block]) -> dict[str, 
             w = grads[blk.params[0]]  # [B, d_out, d_in]
             parts = [w, grads[blk.params[1]].unsqueeze(-1)] if blk.has_bias else [w]
             out[blk.name] = torch.cat(parts, dim=-1).flatten(1)
+        elif blk.kind == "embedding":
+            out[blk.name] = grads[blk.params[0]].transpose(1, 2).flatten(1)  # [B, V, d] → [B, d·V]
         else:
             out[blk.name] = torch.cat([grads[p].flatten(1) for p in blk.params], dim=1)
     return out
@@ -88,16 +95,22 @@ def flatten_blocks(block_grads: dict[str, torch.Tensor], blocks: list[Block]) ->
     return torch.cat([block_grads[b.name] for b in blocks], dim=1)
 
 
+FACTOR_KINDS = ("linear", "embedding")
+
+
 class LinearFactorHooks:
-    """Record the two factors of every hooked ``nn.Linear``'s per-sample gradient.
+    """Record the two factors of every hooked ``nn.Linear``'s (or ``nn.Embedding``'s)
+    per-sample gradient.
 
     Use around one forward + backward of ``Σ_i w_i ℓ_i``; then :meth:`factors` returns
     ``{block: (a [B, S, d_in(+1)], b [B, S, d_out])}`` with ``b`` divided by ``w_i`` so that
     ``Σ_s b_s a_sᵀ = ∇_W ℓ_i`` (and the appended column of ones in ``a`` gives the bias).
+    For an embedding ``a`` is the token ids [B, S] (integer: the one-hot rows, never
+    materialised unless asked, see :func:`one_hot_factor`).
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block]):
-        self.blocks = [b for b in blocks if b.kind == "linear"]
+        self.blocks = [b for b in blocks if b.kind in FACTOR_KINDS]
         mods = dict(model.named_modules())
         self.modules = {b.name: mods[b.name] for b in self.blocks}
         self._inputs: dict[str, torch.Tensor] = {}
@@ -128,7 +141,7 @@ class LinearFactorHooks:
         for blk in self.blocks:
             a = self._inputs[blk.name]
             b = self._grads[blk.name]
-            if a.dim() == 2:
+            if a.dim() == 2 and blk.kind == "linear":
                 a, b = a.unsqueeze(1), b.unsqueeze(1)
             if blk.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -139,9 +152,20 @@ class LinearFactorHooks:
         return out
 
 
-def factors_to_grads(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def one_hot_factor(a: torch.Tensor, b: torch.Tensor, d_in: int) -> torch.Tensor:
+    """An embedding's input factor as rows: token ids [B, S] → one-hot [B, S, V] (dtype of b);
+    a linear layer's factor is returned as it is."""
+    if a.is_floating_point():
+        return a
+    return torch.nn.functional.one_hot(a, d_in).to(b.dtype)
+
+
+def factors_to_grads(factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     blocks: list[Block]) -> dict[str, torch.Tensor]:
     """Materialise ``Σ_s b_s a_sᵀ`` per sample: {block: [B, d_out * (d_in + 1)]}."""
-    return {k: torch.einsum("bso,bsi->boi", b, a).flatten(1) for k, (a, b) in factors.items()}
+    d_in = {blk.name: blk.shape[1] for blk in blocks}
+    return {k: torch.einsum("bso,bsi->boi", b, one_hot_factor(a, b, d_in[k])).flatten(1)
+            for k, (a, b) in factors.items()}
 
 
 def per_sample_grads_hooks(
@@ -152,7 +176,7 @@ def per_sample_grads_hooks(
     w = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
     with LinearFactorHooks(model, blocks) as hooks:
         (loss_fn(p, x, y) * w).sum().backward()
-    return factors_to_grads(hooks.factors(w))
+    return factors_to_grads(hooks.factors(w), blocks)
 
 
 def per_sample_grads_func(

@@ -27,7 +27,11 @@ from dve_repro.errors import DveError
 BLOCK_LINEARS = {
     "all": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
+    "all+head": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "all+head+embed": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
+# The output head: ``lm_head`` in current transformers, ``embed_out`` in older releases.
+HEAD_NAMES = ("lm_head", "embed_out")
 
 
 def gpt_neox_config(cfg: GPTNeoXModelConfig):
@@ -117,10 +121,13 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
     """The block linears whose per-sample gradients are captured, and what is left out.
 
     ``which="all"``: per block ``attention.query_key_value``, ``attention.dense``,
-    ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``; ``"mlp"``: the last two. Returns
-    ``([(qualified name, module), …] in forward order, description)``; the token embedding,
-    the LayerNorms and the output head (``lm_head``; ``embed_out`` in older transformers) are
-    never included, and the description names them with their parameter counts.
+    ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``; ``"mlp"``: the last two; ``"all+head"``:
+    the block linears and the output head (``lm_head``; ``embed_out`` in older transformers),
+    whose [V, d] gradient is half of a small model's parameters; ``"all+head+embed"``: also
+    the token embedding (``embed_in``, captured from the token ids and its output gradient).
+    Returns ``([(qualified name, module), …] in forward order, description)``; the
+    LayerNorms are never included, and the description names what is left out with its
+    parameter count.
     """
     if which not in BLOCK_LINEARS:
         raise DveError(f"linear layers must be one of {sorted(BLOCK_LINEARS)} (got {which!r})")
@@ -128,9 +135,14 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
     layers = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and ".layers." in f".{name}"
-        and name.rsplit(".", 1)[-1] in wanted
+        if (
+            isinstance(m, nn.Linear)
+            and (
+                (".layers." in f".{name}" and name.rsplit(".", 1)[-1] in wanted)
+                or (which.startswith("all+head") and name in HEAD_NAMES)
+            )
+        )
+        or (which == "all+head+embed" and isinstance(m, nn.Embedding) and name.endswith("embed_in"))
     ]
     covered = {id(p) for _, m in layers for p in m.parameters(recurse=False)}
     left: dict[str, int] = {}
@@ -146,9 +158,11 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
         left[group] = left.get(group, 0) + p.numel()
     n_total = count_parameters(model)
     n_in = n_total - sum(left.values())
-    blocks = len({name.split(".layers.")[1].split(".")[0] for name, _ in layers})
+    blocks = len({name.split(".layers.")[1].split(".")[0] for name, _ in layers if ".layers." in name})
+    extra = [name for name, m in layers if name in HEAD_NAMES or isinstance(m, nn.Embedding)]
     description = (
-        f"{len(layers)} linears ({', '.join(wanted)} in each of {blocks} blocks) hold "
+        f"{len(layers)} layers ({', '.join(wanted)} in each of {blocks} blocks"
+        + "".join(f", {n}" for n in extra) + ") hold "
         f"{n_in:,} of {n_total:,} parameters ({100 * n_in / n_total:.1f}%); left out: "
         + ", ".join(f"{g} ({n:,})" for g, n in left.items())
     )

@@ -23,7 +23,7 @@ import torch
 
 from dve_repro.config import ProjectionConfig
 from dve_repro.errors import DveError
-from dve_repro.grads import Block, layout_dim
+from dve_repro.grads import FACTOR_KINDS, Block, layout_dim, one_hot_factor
 
 # Columns of the dense matrix generated per seed: fixed, so that P never depends on chunk_size.
 DENSE_CACHE_BYTES = 1 << 30  # keep the dense matrix in memory up to 1 GiB
@@ -55,10 +55,10 @@ class Projector:
         if cfg.kind == "dense" and cfg.dim > self.p:
             raise DveError(f"projection.dim={cfg.dim} is larger than the gradient (p={self.p})")
         if cfg.kind == "kronecker":
-            other = [b.name for b in blocks if b.kind != "linear"]
+            other = [b.name for b in blocks if b.kind not in FACTOR_KINDS]
             if other:
                 raise DveError(
-                    f"kronecker projection needs linear layers only, but {other[:3]} are not; "
+                    f"kronecker projection needs linear or embedding layers only, but {other[:3]} are not; "
                     "use projection.kind=dense or none"
                 )
         self.block_dims = [self._out_dim(b) for b in blocks]
@@ -174,12 +174,14 @@ class Projector:
         if self.cfg.kind != "kronecker":
             from dve_repro.grads import factors_to_grads
 
-            return self.project_blocks(factors_to_grads(factors))
+            return self.project_blocks(factors_to_grads(factors, self.blocks))
         parts = []
         for i, blk in enumerate(self.blocks):
             a, b = factors[blk.name]
-            p_out, p_in = self.kron_factors(i, a.dtype, a.device)
-            if p_in is not None:
+            p_out, p_in = self.kron_factors(i, b.dtype, b.device)
+            if not a.is_floating_point():  # an embedding's token ids: P_in onehot(tok) = column tok of P_in
+                a = p_in.T[a] if p_in is not None else one_hot_factor(a, b, blk.shape[1])
+            elif p_in is not None:
                 a = a @ p_in.T  # [B, S, k_in]
             if p_out is not None:
                 b = b @ p_out.T  # [B, S, k_out]

@@ -200,7 +200,7 @@ class _TrainCapture:
                 new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
             factors = hooks.factors(w)
             if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
-                factors = {k: (a.float(), b.float()) for k, (a, b) in factors.items()}
+                factors = {k: (a.float() if a.is_floating_point() else a, b.float()) for k, (a, b) in factors.items()}
             rows = self.featurizer.from_factors(factors)
         else:
             rows = self.featurizer.features(params, x, y)

@@ -23,6 +23,7 @@ so memory holds one segment of parameters. Valid for plain SGD (optionally weigh
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from dve_repro import ui
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun, replay
+
+# torch's forward-mode AD scripts its decompositions on first use and warns that
+# torch.jit.script is deprecated: torch's internals, nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 Tensors = dict[str, torch.Tensor]
 CURVATURES = ("hessian", "ef", "gn", "mc", "none")

@@ -213,6 +213,23 @@ def test_fingerprint_follows_results_not_speed():
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
 
 
+def test_ground_truth_identity_ignores_what_is_captured():
+    base = compose(["experiment=pythia_tiny_sgd", "trajectory.capture=false"])
+    fp = {stage: fingerprint(stage_payload(base, stage)) for stage in ("train", "embed", "tsloo")}
+    # Without capture the layers DVEmb sees do not touch training, only the embedding stage.
+    heads = _with(base, model__capture_layers="all+head")
+    assert fingerprint(stage_payload(heads, "train")) == fp["train"]
+    assert fingerprint(stage_payload(heads, "embed")) != fp["embed"]
+    # With capture they are outputs of training; the trajectory, and so the ground truth, is unchanged.
+    cap = _with(base, trajectory__capture=True)
+    assert fingerprint(stage_payload(cap, "train")) != fp["train"]
+    assert fingerprint(stage_payload(_with(cap, model__capture_layers="all+head"), "train")) != fingerprint(
+        stage_payload(cap, "train"))
+    for changed in (cap, _with(cap, model__capture_layers="all+head"), _with(cap, projection__k_in=4)):
+        assert fingerprint(stage_payload(changed, "tsloo")) == fp["tsloo"]
+    assert fingerprint(stage_payload(_with(base, optim__lr=0.5), "tsloo")) != fp["tsloo"]
+
+
 def test_missing_config_folder_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("DVE_CONFIG_DIR", str(tmp_path))
     with pytest.raises(ConfigError) as info:

@@ -108,6 +108,39 @@ def test_engines_equal_naive_sequences():
     assert not torch.allclose(one_tok["inp"], ref["inp"])
 
 
+class TokenEmbedMLP(nn.Module):
+    """Token ids [B, S] → embedding → per-token linear → logits [B, S, C] (an LM in miniature)."""
+
+    def __init__(self, vocab: int = 11, d: int = 5, c: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.out = nn.Linear(d, c)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)))
+
+
+def test_engines_equal_naive_embedding_blocks():
+    """An embedding's per-sample gradient Σ_s onehot(tok_s) g_sᵀ, laid out [d, V], from hook
+    factors (token ids, output gradient) as from torch.func and one-at-a-time autograd."""
+    torch.manual_seed(6)
+    model = TokenEmbedMLP().double()
+    blocks = gradient_layout(model)
+    assert [(b.kind, b.shape) for b in blocks] == [("embedding", (5, 11)), ("linear", (4, 6))]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 11, (4, 6), generator=gen)
+    x[0, :3] = 2  # a repeated token: its gradient rows add up
+    y = torch.randint(0, 4, (4, 6), generator=gen)
+    params, loss = params_of(model), token_loss(model)
+    ref = per_sample_grads_naive(loss, params, x, y, blocks)
+    assert_blocks_close(per_sample_grads_hooks(model, loss, params, x, y, blocks), ref)
+    assert_blocks_close(per_sample_grads_func(loss, params, x, y, blocks), ref)
+    # layout: column v of the [d, V] block is the gradient of token v's embedding row
+    g = ref["emb"].view(4, 5, 11)
+    unused = sorted(set(range(11)) - set(x[1].tolist()))
+    assert torch.all(g[1][:, unused] == 0) and g[0][:, 2].abs().sum() > 0
+
+
 def test_hook_factors_undo_loss_weights():
     """Training minimises Σ w_i ℓ_i; factors(w) must return the unweighted ∇ℓ_i."""
     model = mlp()
@@ -120,7 +153,7 @@ def test_hook_factors_undo_loss_weights():
     p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     with LinearFactorHooks(model, blocks) as hooks:
         torch.autograd.grad((loss(p, x, y) * w).sum(), list(p.values()))
-    got = factors_to_grads(hooks.factors(w))
+    got = factors_to_grads(hooks.factors(w), blocks)
     ref = per_sample_grads_naive(loss, params, x, y, blocks)
     assert_blocks_close(got, ref)
     # hooks are removed on exit: a later forward records nothing

@@ -24,12 +24,12 @@ VOCAB, SEQ, B = 61, 9, 5
 RTOL, ATOL = 1e-6, 1e-9
 
 
-@pytest.fixture(scope="module")
-def task() -> Task:
+@pytest.fixture(scope="module", params=["all", "all+head", "all+head+embed"])
+def task(request) -> Task:
     cfg = GPTNeoXModelConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=32, max_position_embeddings=32, init_seed=1)
     model = build_gpt_neox(cfg, torch.float64)
-    layers, left_out = linear_layers(model, "all")
+    layers, left_out = linear_layers(model, request.param)
     ids = torch.randint(0, VOCAB, (B + 2, SEQ), generator=torch.Generator().manual_seed(0))
     return Task("lm", model, ids[:B], ids[:B], ids[B:], ids[B:], VOCAB, "random tokens",
                 extra={"capture_layers": [n for n, _ in layers], "left_out": left_out})
@@ -52,10 +52,12 @@ def _featurizer(task: Task, engine: str, kind: str = "kronecker") -> Featurizer:
 
 
 def test_left_out_names_embeddings_norms_and_head(task):
-    left = task.extra["left_out"]
-    for part in ("embed_in", "layernorm", "lm_head"):
-        assert part in left, left
-    assert len(task.extra["capture_layers"]) == 8  # 4 linears × 2 blocks
+    left = task.extra["left_out"].split("left out:")[1]
+    layers = task.extra["capture_layers"]
+    with_head, with_embed = "lm_head" in layers, "gpt_neox.embed_in" in layers
+    assert "layernorm" in left, left
+    assert ("lm_head" in left) != with_head and ("embed_in" in left) != with_embed
+    assert len(layers) == 8 + with_head + with_embed  # 4 linears × 2 blocks (+ head, embedding)
 
 
 def test_training_capture_equals_func_and_naive_per_sample_gradients(task):

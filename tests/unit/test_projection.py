@@ -126,7 +126,7 @@ def test_project_factors_equals_materialised(kind):
     proj = Projector(cfg(kind, seed=5), BLOCKS)
     fac = random_factors(S=3)
     got = proj.project_factors(fac)
-    want = proj.project_blocks(factors_to_grads(fac))
+    want = proj.project_blocks(factors_to_grads(fac, BLOCKS))
     assert got.shape == (4, proj.out_dim)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     if kind == "none":
@@ -166,8 +166,28 @@ def test_dense_dim_larger_than_gradient_is_refused():
 def test_kronecker_refuses_non_linear_blocks():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
     blocks = gradient_layout(model)
-    with pytest.raises(DveError, match="kronecker projection needs linear layers") as err:
+    with pytest.raises(DveError, match="kronecker projection needs linear or embedding layers") as err:
         Projector(cfg("kronecker"), blocks)
     assert "\n" not in str(err.value)
     for kind in ("dense", "none"):
         Projector(cfg(kind, dim=8), blocks)  # fine for the other kinds
+
+
+@pytest.mark.parametrize("kind", ["kronecker", "dense", "none"])
+def test_embedding_factors_project_like_their_one_hot_gradient(kind):
+    """An embedding's factors are token ids: P_in's columns picked by id must equal projecting
+    the materialised [d, V] gradient (and the one-hot rows when k_in ≥ V)."""
+    blocks = [Block("emb", "embedding", ("emb.weight",), (6, 17)), BLOCKS[1]]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 17, (4, 5), generator=gen)
+    fac = {"emb": (ids, torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)),
+           "l2": (torch.randn(4, 5, 9, generator=gen, dtype=torch.float64),
+                  torch.randn(4, 5, 3, generator=gen, dtype=torch.float64))}
+    for k_in in (5, 40):  # projected, and k_in ≥ V (identity)
+        proj = Projector(cfg(kind, seed=2, k_in=k_in), blocks)
+        got = proj.project_factors(fac)
+        want = proj.project_blocks(factors_to_grads(fac, blocks))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    one_hot = torch.nn.functional.one_hot(ids, 17).double()
+    explicit = torch.einsum("bso,bsi->boi", fac["emb"][1], one_hot).flatten(1)
+    torch.testing.assert_close(factors_to_grads(fac, blocks)["emb"], explicit, rtol=0, atol=0)
