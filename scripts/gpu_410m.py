@@ -50,11 +50,13 @@ def main() -> None:
     if n:
         row["storage_run_bytes"] = row["storage_bytes_per_point"] * n
     df = pd.DataFrame([row])
+    peak = row["peak_gpu_bytes"]
+    peak_text = "n/a (not on a GPU)" if peak != peak else f"{peak / 1e9:.1f} GB"  # NaN off the GPU
     ours = [
         ("storage", f"{row['storage_bytes_per_point'] / 1e3:.1f} kB/point"
          + (f" → {row['storage_run_bytes'] / 1e9:.1f} GB for {n:,} points" if n else "")),
         ("embedding-step GPU memory", f"{row['mem_alg1_bytes'] / 1e9:.2f} GB (per-layer M) vs "
-         f"{row['mem_full_M_bytes'] / 1e9:.1f} GB (one p̃×p̃ M); capture peak {row['peak_gpu_bytes'] / 1e9:.1f} GB"),
+         f"{row['mem_full_M_bytes'] / 1e9:.1f} GB (one p̃×p̃ M); capture peak {peak_text}"),
         ("embedding throughput", f"{row['alg1_pts_per_s']:.1f} points/s (Algorithm 1); capture "
          f"{row['capture_pts_per_s']:.1f} points/s, +{100 * row['capture_overhead']:.0f}% over plain training; "
          f"recompute at θ_T {row['recompute_pts_per_s']:.1f} points/s"),

@@ -103,6 +103,10 @@ class GPTNeoXModelConfig:
     capture_layers: str = "all"  # layers whose gradients DVEmb sees: all (block linears) | mlp | all+head | all+head+embed
 
 
+# The options of GPTNeoXModelConfig.capture_layers (their meaning: lm.CAPTURE_LAYERS).
+LM_CAPTURE_LAYERS = ("all", "mlp", "all+head", "all+head+embed")
+
+
 DATA_SCHEMAS: dict[str, type] = {
     "mnist": ImageDataConfig,
     "cifar10": ImageDataConfig,
@@ -350,7 +354,7 @@ def validate(cfg: Config) -> None:
     if isinstance(m, CNNConfig):
         _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
     if isinstance(m, GPTNeoXModelConfig):
-        _one_of(m.capture_layers, ("all", "mlp", "all+head", "all+head+embed"), "model.capture_layers")
+        _one_of(m.capture_layers, LM_CAPTURE_LAYERS, "model.capture_layers")
         _check(isinstance(d, TextDataConfig), "a gpt_neox model needs text data (data=text or data=pile)")
     if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
         _check(

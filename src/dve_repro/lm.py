@@ -23,12 +23,13 @@ from torch import nn
 from dve_repro.config import GPTNeoXModelConfig
 from dve_repro.errors import DveError
 
-#: Linear layers of one GPT-NeoX block, in forward order, per ``linear_layers(which=...)``.
-BLOCK_LINEARS = {
-    "all": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
-    "all+head": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "all+head+embed": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+_BLOCK = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # forward order
+#: ``model.capture_layers`` → (linears of each block, output head?, token embedding?).
+CAPTURE_LAYERS = {
+    "all": (_BLOCK, False, False),
+    "mlp": (_BLOCK[2:], False, False),
+    "all+head": (_BLOCK, True, False),
+    "all+head+embed": (_BLOCK, True, True),
 }
 # The output head: ``lm_head`` in current transformers, ``embed_out`` in older releases.
 HEAD_NAMES = ("lm_head", "embed_out")
@@ -129,21 +130,17 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
     LayerNorms are never included, and the description names what is left out with its
     parameter count.
     """
-    if which not in BLOCK_LINEARS:
-        raise DveError(f"linear layers must be one of {sorted(BLOCK_LINEARS)} (got {which!r})")
-    wanted = BLOCK_LINEARS[which]
-    layers = [
-        (name, m)
-        for name, m in model.named_modules()
-        if (
-            isinstance(m, nn.Linear)
-            and (
-                (".layers." in f".{name}" and name.rsplit(".", 1)[-1] in wanted)
-                or (which.startswith("all+head") and name in HEAD_NAMES)
-            )
-        )
-        or (which == "all+head+embed" and isinstance(m, nn.Embedding) and name.endswith("embed_in"))
-    ]
+    if which not in CAPTURE_LAYERS:
+        raise DveError(f"model.capture_layers must be one of {sorted(CAPTURE_LAYERS)} (got {which!r})")
+    wanted, head, embed = CAPTURE_LAYERS[which]
+
+    def chosen(name: str, m: nn.Module) -> bool:
+        if isinstance(m, nn.Linear):
+            in_block = ".layers." in f".{name}" and name.rsplit(".", 1)[-1] in wanted
+            return in_block or (head and name in HEAD_NAMES)
+        return embed and isinstance(m, nn.Embedding) and name.endswith("embed_in")
+
+    layers = [(name, m) for name, m in model.named_modules() if chosen(name, m)]
     covered = {id(p) for _, m in layers for p in m.parameters(recurse=False)}
     left: dict[str, int] = {}
     for name, p in model.named_parameters():

@@ -5,8 +5,9 @@ Artifacts of a training run directory read and written here:
 * ``trajectory.parquet`` — one row per step: ``step, epoch, pos`` (position of the batch
   in its epoch), ``indices`` (the exact training indices of the batch, a list), ``lr`` (the
   learning rate actually used), ``loss`` (batch mean loss at θ_t, before the update).
-* ``checkpoints/step_XXXXXXX.safetensors`` — θ_t (the parameters *before* step t, so
-  ``step_0`` is θ_0 and ``step_T`` is θ_T) plus optimizer state tensors prefixed ``opt.``.
+* ``checkpoints/step_<t>.safetensors`` (t zero-padded to 7 digits, e.g. ``step_0000063``) —
+  θ_t, the parameters *before* step t (so t = 0 holds θ_0 and t = T holds θ_T), plus the
+  optimizer state tensors prefixed ``opt.``.
 
 Data order is data (STYLE habit 3): the batches are planned once from ``train.order_seed``
 and from then on only ever read back from the file.

@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from dve_repro import config as config_mod
 from dve_repro.config import GPTNeoXModelConfig, TextDataConfig
 from dve_repro.errors import DveError
-from dve_repro.lm import build_gpt_neox, count_parameters, linear_layers, lm_loss_per_sequence
+from dve_repro.lm import (
+    CAPTURE_LAYERS,
+    build_gpt_neox,
+    count_parameters,
+    linear_layers,
+    lm_loss_per_sequence,
+)
 
 MODEL_DIR = config_mod.config_dir() / "model"
 DATA_DIR = config_mod.config_dir() / "data"
@@ -124,6 +130,11 @@ def test_linear_layers(tiny):
     assert f"{covered:,} of {count_parameters(tiny):,}" in desc
     with pytest.raises(DveError):
         linear_layers(tiny, "attention")
+    # every option the config accepts is one linear_layers knows, and the reverse
+    assert tuple(CAPTURE_LAYERS) == config_mod.LM_CAPTURE_LAYERS
+    full, full_desc = linear_layers(tiny, "all+head+embed")
+    assert [n for n, _ in full] == ["gpt_neox.embed_in", *names, "lm_head"]
+    assert "left out: layers.*.input_layernorm" in full_desc
 
 
 @pytest.mark.slow
