@@ -105,3 +105,109 @@ def lr_schedule(cfg: ScheduleConfig, peak: float, total_steps: int) -> list[floa
                 f = 1.0 - (1 - cfg.min_lr_ratio) * progress
         out.append(peak * f)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The linearised AdamW step (SPEC §2 "Adam"): first-order perturbations of (θ, m, v).
+#
+# Step t maps (θ, m, v) and the batch gradient g (before clipping) to (θ', m', v'):
+#     g̃ = c(‖g‖) g,  c = min(1, C/(‖g‖+1e-6))
+#     m' = β₁m + (1−β₁)g̃,  v' = β₂v + (1−β₂)g̃²,  v̂ = v'/b2
+#     θ' = θ(1−ηλ) − (η/b1) m' / (√v̂ + ε)
+# Its tangent map, for perturbations (δθ, δm, δv, δg):
+#     δg̃ = c δg − s g (gᵀδg),  s = C / ((‖g‖+1e-6)² ‖g‖)  while clipping is active, else 0
+#     δm' = β₁δm + (1−β₁)δg̃,   δv' = β₂δv + 2(1−β₂) g̃∘δg̃
+#     δθ' = (1−ηλ)δθ − a D δm' + a K δv',   a = η/b1,  D = 1/(√v̂+ε),
+#     K = m' / (2 b2 √v̂ (√v̂+ε)²)   (0 where v' = 0: then m' = 0 and δv' = 0 as well)
+# The caller supplies δg = H_t δθ (+ a removal push); the adjoint below is its transpose.
+# ---------------------------------------------------------------------------------------
+
+
+class AdamWLinearization:
+    """The coefficients of one AdamW step's tangent map, from the step's inputs.
+
+    ``params``/``state``/``grads`` are θ_t, (m_t, v_t) and the pre-clip batch gradient g_t,
+    as dicts of tensors of the parameter shapes. Tangent and adjoint vectors may carry
+    leading batch dimensions (e.g. one row per query): coefficients broadcast over them.
+    """
+
+    def __init__(self, params: Tensors, state: Tensors, grads: Tensors, lr: float, step: int, cfg: OptimConfig):
+        if cfg.name != "adamw":
+            raise ValueError(f"AdamWLinearization needs an AdamW run, not {cfg.name!r}")
+        b1, b2 = cfg.betas
+        t = step + 1
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        self.b1, self.b2, self.bc2 = b1, b2, bc2
+        self.decay = 1 - lr * cfg.weight_decay
+        self.a = lr / bc1
+        self.g = grads
+        self.c, self.s = 1.0, 0.0
+        if cfg.grad_clip > 0:
+            norm = float(global_norm(grads))
+            if cfg.grad_clip / (norm + 1e-6) < 1.0:  # clipping active: c depends on ‖g‖
+                self.c = cfg.grad_clip / (norm + 1e-6)
+                self.s = cfg.grad_clip / ((norm + 1e-6) ** 2 * norm)
+        self.gt = {k: self.c * g for k, g in grads.items()}
+        self.D: Tensors = {}
+        self.K: Tensors = {}
+        for k, g in self.gt.items():
+            m = b1 * state[f"m.{k}"] + (1 - b1) * g
+            v = b2 * state[f"v.{k}"] + (1 - b2) * g * g
+            root = torch.sqrt(v / bc2)
+            self.D[k] = 1.0 / (root + cfg.eps)
+            safe = torch.where(root > 0, root, torch.ones_like(root))
+            self.K[k] = torch.where(root > 0, m / (2 * bc2 * safe * (root + cfg.eps) ** 2), torch.zeros_like(root))
+
+    def _clip(self, d: Tensors) -> Tensors:
+        """δg ↦ δg̃ (self-adjoint: c I − s g gᵀ)."""
+        if self.s == 0.0:
+            return d if self.c == 1.0 else {k: self.c * x for k, x in d.items()}
+        dot = _batched_dot(self.g, d)
+        return {k: self.c * x - self.s * _expand(dot, self.g[k]) * self.g[k] for k, x in d.items()}
+
+    def tangent(self, dtheta: Tensors, dm: Tensors, dv: Tensors, dg: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+        """(δθ', δm', δv') from (δθ, δm, δv) and the gradient perturbation δg."""
+        dgt = self._clip(dg)
+        out_t, out_m, out_v = {}, {}, {}
+        for k in dtheta:
+            mk = self.b1 * dm[k] + (1 - self.b1) * dgt[k]
+            vk = self.b2 * dv[k] + 2 * (1 - self.b2) * self.gt[k] * dgt[k]
+            out_m[k], out_v[k] = mk, vk
+            out_t[k] = self.decay * dtheta[k] - self.a * self.D[k] * mk + self.a * self.K[k] * vk
+        return out_t, out_m, out_v
+
+    def adjoint(self, lt: Tensors, lm: Tensors, lv: Tensors) -> tuple[Tensors, Tensors, Tensors, Tensors]:
+        """Transpose of :meth:`tangent`: adjoints (λθ, λm, λv) of the outputs ↦ adjoints of
+        (θ, m, v) along the direct path and λg, the adjoint of the pre-clip gradient.
+        The curvature path (δg = H δθ) is the caller's: λθ_total = λθ + H λg."""
+        in_t, in_m, in_v, lgt = {}, {}, {}, {}
+        for k in lt:
+            mu_m = lm[k] - self.a * self.D[k] * lt[k]
+            mu_v = lv[k] + self.a * self.K[k] * lt[k]
+            in_t[k] = self.decay * lt[k]
+            in_m[k] = self.b1 * mu_m
+            in_v[k] = self.b2 * mu_v
+            lgt[k] = (1 - self.b1) * mu_m + 2 * (1 - self.b2) * self.gt[k] * mu_v
+        return in_t, in_m, in_v, self._clip(lgt)
+
+    def coefficients(self) -> tuple[Tensors, Tensors, Tensors]:
+        """Per-coordinate (α, γ, D) of the direct path δg̃ ↦ δθ': δθ' ∋ α∘δg̃ with
+        α = −a D (1−β₁) + 2 a K (1−β₂) g̃; δv' ∋ γ∘δg̃ with γ = 2(1−β₂) g̃ (Algorithm-1 form)."""
+        alpha = {k: -self.a * self.D[k] * (1 - self.b1) + 2 * self.a * self.K[k] * (1 - self.b2) * self.gt[k]
+                 for k in self.D}
+        gamma = {k: 2 * (1 - self.b2) * self.gt[k] for k in self.D}
+        return alpha, gamma, self.D
+
+
+def _batched_dot(g: Tensors, d: Tensors) -> torch.Tensor:
+    """Σ_k ⟨g_k, d_k⟩ over the parameter dims of each tensor; keeps d's leading dims."""
+    total = None
+    for k, gk in g.items():
+        x = d[k] * gk
+        x = x.reshape(*x.shape[: x.dim() - gk.dim()], -1).sum(-1)
+        total = x if total is None else total + x
+    return total
+
+
+def _expand(dot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return dot.reshape(*dot.shape, *([1] * like.dim()))

@@ -103,13 +103,15 @@ def replay(
     renormalize: bool = False,
     start: int | None = None,
     stop: int | None = None,
-    before_step: Callable[[int, Tensors], None] | None = None,
+    before_step: Callable[..., None] | None = None,
+    with_state: bool = False,
 ) -> tuple[Tensors, Tensors]:
     """Re-execute steps [start, stop) and return (θ_stop, optimizer state).
 
     ``start`` defaults to the latest checkpoint at or before the first removed step (0
     when nothing is removed); it must itself be a checkpoint. ``before_step(t, θ_t)`` is
-    called with the parameters before each step (for gradient capture and unrolling).
+    called with the parameters before each step (for gradient capture and unrolling);
+    ``with_state=True`` calls ``before_step(t, θ_t, state_t)`` with the optimizer state too.
     """
     from dve_repro.train import train_step
 
@@ -137,7 +139,7 @@ def replay(
             x, y = task.batch(traj.batches[t])
             w = traj.weights(t, removals.get(t, ()), renormalize, dtype=task.weight_dtype, device=run.device)
             if before_step is not None:
-                before_step(t, params)
+                before_step(t, params, state) if with_state else before_step(t, params)
             params, state, _ = train_step(task, params, state, t, x, y, w, float(traj.lrs[t]), cfg)
     return params, state
 
