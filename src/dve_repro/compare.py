@@ -15,9 +15,10 @@ results to ``results/<name>/``:
 
 Methods (all on the TSLOO sign). Per-occurrence estimates give single-epoch removal from
 the point's last occurrence and all-epoch removal from the sum over occurrences:
-``dvemb`` (Algorithm 1, the configured projection and curvature), ``unrolled-<c>`` (no
-projection, matrix-free, curvature c: ``hessian`` is the exact first-order unrolled
-influence, ``ef`` is DVEmb without projection, ``none`` drops the Hessian term).
+``dvemb`` (Algorithm 1, the configured projection and curvature; ``dvemb-sgd-proxy`` on an
+AdamW / momentum / clipped run), ``unrolled-<c>`` (no projection, matrix-free, curvature c:
+``hessian`` is the exact first-order unrolled influence, ``ef`` is DVEmb without projection,
+``none`` drops the Hessian term; ``unrolled-adamw-<c>`` through the linearised AdamW map).
 Per-point baselines give one value whatever the setting: ``influence``, ``tracin``,
 ``grad-dot``.
 """
@@ -65,7 +66,8 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     occ_scores: dict[str, np.ndarray] = {}
     mean = artifacts.load_table(embed_path / "scores.parquet")["score"].to_numpy()
     pts = np.load(embed_path / "scores_points.npy", mmap_mode="r")[:, :k]
-    occ_scores["dvemb"] = np.concatenate([mean[:, None], pts], axis=1)
+    # On a momentum / AdamW / clipped run the paper's recursion is an SGD proxy: say so in its name.
+    occ_scores[dvemb_name(run)] = np.concatenate([mean[:, None], pts], axis=1)
     x_q, y_q = run.task.x_val, run.task.y_val
     final = run.final_params()
     idx_scores: dict[str, np.ndarray] = {}
@@ -73,18 +75,23 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     if run.task.kind == "lm" and "gn" in curvatures:
         ui.log("compare: unrolled-gn is defined for classifiers only; skipped for this language model")
         curvatures.remove("gn")
-    if not curvatures and not per_point:
+    if not curvatures and not per_point and run.cfg.optim.name != "adamw":
         return occ_scores, idx_scores
     q = unroll.query_gradients(run, final, x_q, y_q)
     q = {n: v[: 1 + k] for n, v in q.items()}
+    prefix = "unrolled-adamw-" if run.cfg.optim.name == "adamw" else "unrolled-"
     for c in curvatures:
-        occ_scores[f"unrolled-{c}"] = _cached(
-            cache / f"unrolled-{c}.npy",
+        occ_scores[f"{prefix}{c}"] = _cached(
+            cache / f"{prefix}{c}.npy",
             lambda c=c: unroll.unrolled_scores(run, q, c, cfg.embed.mc_samples, cfg.embed.mc_seed),
         )
+    b = cfg.baselines
+    if run.cfg.optim.name == "adamw":
+        for kind in b.adamw_subspaces:
+            occ_scores[f"dvemb-adamw-{kind}"] = _cached(
+                cache / f"dvemb-adamw-{kind}.npy", lambda kind=kind: _adamw_embedding_scores(cfg, run, kind, q))
     if not per_point:
         return occ_scores, idx_scores
-    b = cfg.baselines
     def influence() -> np.ndarray:
         values, diag = baselines.influence_function(run, q, b.if_damping, b.cg_iters, b.cg_tol)
         artifacts.write_json(cache / "influence_cg.json", {**diag, "damping": b.if_damping, "tol": b.cg_tol})
@@ -94,6 +101,33 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     idx_scores["tracin"] = _cached(cache / "tracin.npy", lambda: baselines.tracin(run, x_q, y_q, k))
     idx_scores["grad-dot"] = _cached(cache / "grad-dot.npy", lambda: baselines.grad_dot(run, q))
     return occ_scores, idx_scores
+
+
+def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, q) -> np.ndarray:
+    """Scores [N_occ, Q] of the stored AdamW-aware embedding (embed_adamw.py); its cost and
+    size go to the cache folder (adamw-<kind>.json)."""
+    import time
+
+    from dve_repro import embed_adamw
+
+    b = cfg.baselines
+    t0 = time.perf_counter()
+    E, sub = embed_adamw.adamw_embedding(run, kind, b.adamw_k_out, b.adamw_k_in, b.adamw_seed,
+                                         b.adamw_curvature, b.adamw_blocks, cfg.embed.mc_seed)
+    seconds = time.perf_counter() - t0
+    scores = embed_adamw.adamw_scores(run, E, sub, q)
+    artifacts.write_json(compare_dir(cfg) / f"adamw-{kind}.json", {
+        **sub.describe(), "curvature": b.adamw_curvature, "blocks": b.adamw_blocks, "seconds": seconds,
+        "embedding_bytes": int(E.nbytes)})
+    return scores
+
+
+def dvemb_name(run: TrainedRun) -> str:
+    """``dvemb`` on plain SGD, where the paper's recursion is exact up to its curvature
+    substitution; ``dvemb-sgd-proxy`` on any other optimizer (SPEC §2 "Adam")."""
+    from dve_repro.optim import is_plain_sgd
+
+    return "dvemb" if is_plain_sgd(run.cfg.optim) else "dvemb-sgd-proxy"
 
 
 def estimates(run: TrainedRun, jobs: pd.DataFrame, occ_scores: dict, idx_scores: dict) -> dict[str, np.ndarray]:

@@ -197,6 +197,15 @@ class BaselinesConfig:
     bootstrap_seed: int = 0
     val_points: int = 100  # validation points used as per-point targets (the first ones)
     curvatures: list[str] = field(default_factory=lambda: ["hessian", "gn", "ef", "mc", "none"])
+    # AdamW runs: test-independent AdamW-aware embeddings compared as dvemb-adamw-<subspace>
+    # (embed_adamw.py): subspaces mask | kron, k_out × k_in per parameter matrix, curvature
+    # ef | gn | mc, blocks layer (one recursion per parameter tensor) | full.
+    adamw_subspaces: list[str] = field(default_factory=lambda: ["mask", "kron"])
+    adamw_k_out: int = 32
+    adamw_k_in: int = 128
+    adamw_curvature: str = "ef"
+    adamw_blocks: str = "layer"
+    adamw_seed: int = 0
 
 
 @dataclass

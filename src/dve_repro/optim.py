@@ -150,9 +150,12 @@ class AdamWLinearization:
         self.gt = {k: self.c * g for k, g in grads.items()}
         self.D: Tensors = {}
         self.K: Tensors = {}
+        self.m_new: Tensors = {}  # m' and v̂ = v'/b2, for factored approximations
+        self.vhat: Tensors = {}
         for k, g in self.gt.items():
             m = b1 * state[f"m.{k}"] + (1 - b1) * g
             v = b2 * state[f"v.{k}"] + (1 - b2) * g * g
+            self.m_new[k], self.vhat[k] = m, v / bc2
             root = torch.sqrt(v / bc2)
             self.D[k] = 1.0 / (root + cfg.eps)
             safe = torch.where(root > 0, root, torch.ones_like(root))

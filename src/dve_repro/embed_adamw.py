@@ -1,0 +1,294 @@
+"""AdamW-aware embedding stage: feeds :func:`embedding_adamw.algorithm1_adamw` from a run.
+
+Reads a finished AdamW training run; replays it once (checkpoint segment by segment, with
+the optimizer state) to get, at every step, the per-sample gradients, the batch gradient and
+the coefficients of the linearised AdamW step (:class:`dve_repro.optim.AdamWLinearization`),
+all mapped into a p̃-dimensional subspace; then runs the backward recursion.
+
+The subspace (``kind``), per parameter tensor viewed as a matrix [out, in] (a vector is
+[n, 1]), with k_o = min(k_out, out), k_i = min(k_in, in):
+
+* ``mask`` — a seeded subset of k_o rows × k_i columns (a coordinate subset). Adam's
+  diagonal coefficients restrict exactly; nothing is approximated but the confinement of the
+  perturbation to the subset.
+* ``kron`` — Gaussian P_out [k_o, out] ⊗ P_in [k_i, in] (LoGra-style, N(0, 1/k), identity
+  where k ≥ the dimension). Adam's per-coordinate coefficients are replaced by row × column
+  factors r cᵀ (the preconditioner from v̂'s row and column sums as Adafactor does, m' and g̃
+  by their top singular pair), whose projected operator is the Kronecker pair
+  (P_out diag(r) P_out⁺, P_in diag(c) P_in⁺) with P⁺ = Pᵀ(PPᵀ)⁻¹.
+
+Both are scaled to preserve inner products in expectation (the paper's projection
+convention): mask coordinates are multiplied by √(out·in / (k_o·k_i)). With every coordinate
+kept (k ≥ all dimensions) ``mask`` equals the unprojected AdamW unrolling with the same
+curvature (``unroll.adamw_unrolled_scores``), which the tests check; ``kron`` equals it where
+the coefficient matrices are rank one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from dve_repro import ui
+from dve_repro.embedding_adamw import AdamWStep, OpSum, algorithm1_adamw
+from dve_repro.errors import DveError
+from dve_repro.optim import AdamWLinearization
+from dve_repro.projection import _seed
+from dve_repro.replay import TrainedRun, replay
+
+Tensors = dict[str, torch.Tensor]
+KINDS = ("mask", "kron")
+CURVATURES = ("ef", "gn", "mc")
+
+
+def _as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+@dataclass
+class Subspace:
+    """Per parameter tensor, a map of its [out, in] view to k_o·k_i coordinates."""
+
+    kind: str
+    names: list[str]
+    shapes: dict[str, tuple[int, int]]
+    rows: dict[str, torch.Tensor]  # mask: selected row / column indices; kron: P_out / P_in
+    cols: dict[str, torch.Tensor]
+    scale: dict[str, float]
+    sizes: list[int]
+
+    @classmethod
+    def build(cls, params: Tensors, kind: str, k_out: int, k_in: int, seed: int) -> Subspace:
+        if kind not in KINDS:
+            raise DveError(f"unknown AdamW subspace {kind!r}; choose from {list(KINDS)}")
+        names = sorted(params)
+        shapes, rows, cols, scale, sizes = {}, {}, {}, {}, []
+        for j, name in enumerate(names):
+            out, inn = _as_matrix_shape(tuple(params[name].shape))
+            ko, ki = min(k_out, out), min(k_in, inn)
+            shapes[name] = (out, inn)
+            dtype, dev = params[name].dtype, params[name].device
+            gen = torch.Generator().manual_seed(_seed(seed, j, 17))
+            if kind == "mask":
+                rows[name] = torch.sort(torch.randperm(out, generator=gen)[:ko]).values.to(dev)
+                cols[name] = torch.sort(torch.randperm(inn, generator=gen)[:ki]).values.to(dev)
+                scale[name] = math.sqrt(out * inn / (ko * ki))
+            else:
+                rows[name] = _gaussian_or_eye(ko, out, gen, dtype, dev)
+                cols[name] = _gaussian_or_eye(ki, inn, gen, dtype, dev)
+                scale[name] = 1.0
+            sizes.append(ko * ki)
+        return cls(kind, names, shapes, rows, cols, scale, sizes)
+
+    @property
+    def p(self) -> int:
+        return sum(self.sizes)
+
+    def project(self, x: Tensors, lead: int = 1) -> torch.Tensor:
+        """{name: [*lead_dims, *shape]} → [*lead_dims, p̃] (``lead`` leading dims)."""
+        parts = []
+        for name in self.names:
+            out, inn = self.shapes[name]
+            X = x[name].reshape(*x[name].shape[:lead], out, inn)
+            if self.kind == "mask":
+                Y = X.index_select(lead, self.rows[name]).index_select(lead + 1, self.cols[name])
+                Y = Y * self.scale[name]
+            else:
+                Y = self.rows[name] @ X @ self.cols[name].T
+            parts.append(Y.reshape(*Y.shape[:lead], -1))
+        return torch.cat(parts, dim=-1)
+
+    def operator(self, coef: Tensors) -> list:
+        """``mask``: the restricted diagonal of a per-coordinate coefficient {name: shape}, as
+        (slice, vector) pieces in parameter order."""
+        pieces, pos = [], 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out, inn = self.shapes[name]
+            C = coef[name].reshape(out, inn)
+            piece = C.index_select(0, self.rows[name]).index_select(1, self.cols[name]).reshape(-1)
+            pieces.append((slice(pos, pos + size), piece))
+            pos += size
+        return pieces
+
+    def kron_operators(self, lin: AdamWLinearization) -> dict[str, list]:
+        """``kron``: the step's four operators from row/column factors (module docstring).
+
+        D = 1/(√v̂+ε) ≈ d_r d_cᵀ from v̂'s row and column sums (Adafactor; ε dropped), m' and
+        g̃ by their top singular pair, K = m'/(2b2 √v̂(√v̂+ε)²) ≈ m'∘D³/(2b2). Rows and columns
+        that never saw a gradient (v̂ = 0 throughout) get 0: no perturbation reaches them."""
+        out: dict[str, list] = {k: [] for k in ("alpha", "gamma", "mu", "kappa")}
+        a, b1, b2, bc2 = lin.a, lin.b1, lin.b2, lin.bc2
+        pos = 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            shp = self.shapes[name]
+            V = lin.vhat[name].reshape(shp)
+            R, C, tot = V.sum(1), V.sum(0), V.sum()
+            q = tot.clamp_min(0) ** 0.25
+            dr = torch.where(R > 0, q / R.clamp_min(1e-300).sqrt(), torch.zeros_like(R))
+            dc = torch.where(C > 0, q / C.clamp_min(1e-300).sqrt(), torch.zeros_like(C))
+            mr, mc = _rank_one(lin.m_new[name].reshape(shp))
+            gr, gc = _rank_one(lin.gt[name].reshape(shp))
+            kr, kc = mr * dr**3 / (2 * bc2), mc * dc**3  # K's factors
+            P, Q = self.rows[name], self.cols[name]
+
+            def pair(r, c, P=P, Q=Q):
+                return (_sandwich(P, r), _sandwich(Q, c))
+
+            gamma = pair(2 * (1 - b2) * gr, gc)
+            ops = {
+                "mu": pair(-a * b1 * dr, dc),
+                "kappa": pair(a * b2 * kr, kc),
+                "gamma": gamma,
+                "alpha": OpSum((pair(-a * (1 - b1) * dr, dc), pair(a * kr * 2 * (1 - b2) * gr, kc * gc))),
+            }
+            sl = slice(pos, pos + size)
+            for k, v in ops.items():
+                out[k].append((sl, v))
+            pos += size
+        return out
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "p_tilde": self.p, "sizes": self.sizes}
+
+
+def _gaussian_or_eye(k: int, d: int, gen, dtype, device) -> torch.Tensor:
+    if k >= d:
+        return torch.eye(d, dtype=dtype, device=device)
+    return (torch.randn(k, d, generator=gen, dtype=torch.float64) / math.sqrt(k)).to(dtype=dtype, device=device)
+
+
+def _rank_one(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-one approximation C ≈ r cᵀ (top singular triple, σ folded into r)."""
+    if C.shape[1] == 1:
+        return C[:, 0], torch.ones(1, dtype=C.dtype, device=C.device)
+    U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+    return U[:, 0] * S[0], Vh[0]
+
+
+def _sandwich(P: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """P diag(d) P⁺ with P⁺ = Pᵀ(PPᵀ)⁻¹: the subspace image of a diagonal operator."""
+    if P.shape[0] == P.shape[1] and torch.equal(P, torch.eye(P.shape[0], dtype=P.dtype, device=P.device)):
+        return torch.diag(d)
+    left = (P * d) @ P.T
+    return torch.linalg.solve(P @ P.T, left.T).T
+
+
+def _layer_sizes(sub: Subspace, blocks: str) -> list[int] | None:
+    if blocks == "full":
+        return None
+    if blocks == "layer":
+        return list(sub.sizes)
+    raise DveError(f"embed.blocks={blocks!r}: choose full or layer")
+
+
+def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int, curvature: str = "ef",
+                    blocks: str = "layer", mc_seed: int = 0) -> tuple[np.ndarray, Subspace]:
+    """Test-independent AdamW embeddings of every occurrence: E [N_occ, p̃] and the subspace
+    that maps a query gradient to the same coordinates (score = ⟨Π u, E⟩)."""
+    if run.cfg.optim.name != "adamw":
+        raise DveError("the AdamW-aware embedding needs a run trained with optim=adamw")
+    if curvature not in CURVATURES:
+        raise DveError(f"AdamW embedding curvature {curvature!r}: choose from {list(CURVATURES)}")
+    if curvature == "gn" and run.task.kind == "lm":
+        raise DveError("Gauss-Newton factors are defined for classifiers here; use curvature ef or mc")
+    task, traj, o = run.task, run.traj, run.cfg.optim
+    params0, _ = run.load_params(0)
+    sub = Subspace.build(params0, kind, k_out, k_in, seed)
+    _layer_sizes(sub, blocks)  # refuse a bad choice before the replay
+    offsets = traj.offsets()
+    steps: list[AdamWStep | None] = [None] * run.T
+    with ui.bar(f"adamw linearisation ({kind})", total=run.T, unit="step") as bar:
+        for a, b in itertools.pairwise(run.checkpoints):
+            def collect(t, theta, state):
+                steps[t] = _step_data(task, traj, o, sub, t, theta, state, curvature, mc_seed, run.device,
+                                      per_layer=blocks == "layer")
+                bar.update(1)
+
+            replay(run, start=a, stop=b, with_state=True, before_step=collect)
+    E = np.zeros((int(offsets[-1]), sub.p))
+
+    def emit(t: int, rows: torch.Tensor) -> None:
+        E[offsets[t] : offsets[t + 1]] = rows.cpu().numpy()
+        steps[t] = None  # free the step as soon as it is used
+
+    with ui.bar(f"algorithm 1 adamw ({kind})", total=run.T, unit="step") as bar:
+        def backward():
+            for t in range(run.T - 1, -1, -1):
+                yield t, steps[t]
+                bar.update(1)
+
+        algorithm1_adamw(backward(), sub.p, _layer_sizes(sub, blocks), emit=emit, dtype=torch.float64,
+                         device=run.device)
+    return E, sub
+
+
+def _step_data(task, traj, o, sub: Subspace, t: int, theta: Tensors, state: Tensors, curvature: str,
+               mc_seed: int, device, per_layer: bool) -> AdamWStep:
+    from dve_repro.train import step_grads
+
+    x, y = task.batch(traj.batches[t])
+    n = int(x.shape[0])
+    _, g = step_grads(task, theta, x, y, traj.weights(t, dtype=task.weight_dtype, device=device))
+    lin = AdamWLinearization(theta, state, g, float(traj.lrs[t]), t, o)
+    alpha, gamma, _ = lin.coefficients()
+    mu = {k: -lin.a * lin.D[k] * lin.b1 for k in lin.D}
+    kappa = {k: lin.a * lin.K[k] * lin.b2 for k in lin.K}
+    G = sub.project(_per_sample_grads(task, theta, x, y))
+    F = None if curvature == "ef" else sub.project(_factor_grads(task, theta, x, y, curvature, mc_seed * 1_000_003 + t))
+    if sub.kind == "mask":
+        named = {k: sub.operator(v) for k, v in (("alpha", alpha), ("gamma", gamma), ("mu", mu), ("kappa", kappa))}
+    else:
+        named = sub.kron_operators(lin)
+    # one block per parameter, or one block holding every piece
+    ops = {k: [piece for _, piece in pieces] if per_layer else [pieces] for k, pieces in named.items()}
+    return AdamWStep(G=G, n=n, g=sub.project({k: v.unsqueeze(0) for k, v in g.items()})[0], ops=ops,
+                     rho=lin.decay, beta1=lin.b1, beta2=lin.b2, c=lin.c, s=lin.s, F=F)
+
+
+def _per_sample_grads(task, theta: Tensors, x, y) -> Tensors:
+    def one(p, xi, yi):
+        return task.per_sample_loss(p, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
+
+
+def _factor_grads(task, theta: Tensors, x, y, curvature: str, seed: int) -> Tensors:
+    """Curvature factor rows f with H ≈ Σ f fᵀ / |B|: Gauss-Newton (C rows per point: the
+    logits' Jacobian times the square root of diag p − p pᵀ) or Monte-Carlo Fisher (one
+    gradient per point with a label drawn from the model)."""
+    model = task.model
+    if curvature == "mc":
+        with torch.no_grad():
+            probs = torch.softmax(task.logits(theta, x).double(), dim=-1)
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=gen)
+        labels = labels.view(probs.shape[:-1]).to(y.device)
+        return _per_sample_grads(task, theta, x, labels)
+    # GN: for softmax cross-entropy, diag p − p pᵀ = S Sᵀ with S = diag(√p) − p √pᵀ (C columns)
+    with torch.no_grad():
+        probs = torch.softmax(task.logits(theta, x), dim=-1)  # [B, C]
+    sq = probs.sqrt()
+    S = torch.diag_embed(sq) - probs.unsqueeze(-1) * sq.unsqueeze(-2)  # [B, C, C]
+
+    def logit_row(p, xi, si):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return (out.logits if hasattr(out, "logits") else out)[0] @ si  # [C]: Jᵀ columns via S
+
+    def rows_of(p, xi, si):
+        return torch.func.jacrev(logit_row)(p, xi, si)  # {name: [C, *shape]}
+
+    per = vmap(rows_of, in_dims=(None, 0, 0))(theta, x, S)  # {name: [B, C, *shape]}
+    return {k: v.reshape(-1, *v.shape[2:]) for k, v in per.items()}
+
+
+def adamw_scores(run: TrainedRun, E: np.ndarray, sub: Subspace, queries: Tensors) -> np.ndarray:
+    """Scores [N_occ, Q] of stored embeddings for query gradients {name: [Q, ...]} at θ_T."""
+    U = sub.project(queries).double().cpu().numpy()  # [Q, p̃]
+    return E @ U.T

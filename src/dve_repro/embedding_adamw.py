@@ -1,0 +1,202 @@
+"""AdamW-aware data value embeddings: Algorithm 1 through the linearised AdamW map.
+
+Core maths only (tensors in, tensors out). The stage that feeds it from a recorded run is
+``embed_adamw.py``.
+
+The perturbation of leaving z out of step t lives in the optimizer state (θ, m, v). Each
+step's tangent map (SPEC §2 "Adam", :class:`dve_repro.optim.AdamWLinearization`) is
+
+    δg̃ = c δg − s g (gᵀδg),                   δg = H δθ (+ −g_t(z)/|B| at the removal step)
+    δm' = β₁δm + (1−β₁)δg̃,   δv' = β₂δv + γ∘δg̃,          γ = 2(1−β₂) g̃
+    δθ' = ρ δθ + μ∘δm + κ∘δv + α∘δg̃,                      ρ = 1−ηλ,  μ = −aDβ₁,  κ = aKβ₂,
+                                                           α = −aD(1−β₁) + aKγ
+
+The state lives in a p̃-dimensional subspace δθ = Πᵀx (likewise m, v); the diagonal
+coefficients become operators Π diag(·) Πᵀ: exact diagonals when Π selects coordinates
+(``mask``), Kronecker products of two small matrices when Π = P_out ⊗ P_in and the
+coefficient is factored as r cᵀ (``kron``). With the curvature substituted by factor rows
+F_t (H ≈ FᵀF/|B|; F = G is the empirical Fisher) the θ-row of the product of later steps,
+A = (A_θ, A_m, A_v) (each p̃×p̃), follows a backward recursion, Algorithm 1's analogue:
+
+    A_θ, A_m, A_v ← I, 0, 0
+    for t = T−1 … 0:
+        R   = A_θ·α + (1−β₁) A_m + A_v·γ          (·d: right-multiplication by the operator d)
+        Rc  = c R − s (R g)(g)ᵀ                    (clipping; c = 1, s = 0 when inactive)
+        E_t = −(1/|B|) G_t Rcᵀ                     (this step's embeddings, TSLOO sign)
+        A_θ, A_m, A_v ← ρ A_θ + Rc FᵀF/|B|,  A_θ·μ + β₁ A_m,  A_θ·κ + β₂ A_v
+
+A test-independent embedding: the predicted change of any query's loss is ⟨Πu, E_t(z)⟩
+with u the query gradient at θ_T. One A per layer (``blocks``) is the block-diagonal
+variant, as the paper does for M. With β₁ = β₂ = 0 terms switched off and D = 1 it reduces
+to the SGD recursion; :func:`naive_embeddings` builds the 3p̃×3p̃ Jacobians explicitly and is
+the float64 oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# A diagonal operator on one block: a vector [p_b] (exact diagonal), a Kronecker pair
+# (L_out [k_o, k_o], L_in [k_i, k_i]) acting on coordinates laid out as [k_o, k_i], or a list
+# of (slice, operator) pieces that together cover the block (one piece per parameter), or an
+# :class:`OpSum` of operators on the same coordinates.
+Op = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list
+
+
+class OpSum(tuple):
+    """The sum of several operators on the same coordinates (e.g. two Kronecker pairs)."""
+
+
+@dataclass
+class AdamWStep:
+    """What one step contributes, in the projected space of dimension p̃.
+
+    ``G`` [B, p̃] per-sample gradients Π∇ℓ(θ_t, z); ``F`` [R, p̃] curvature factor rows
+    (None: F = G, the empirical Fisher) with H ≈ FᵀF / n; ``g`` [p̃] the projected pre-clip
+    batch gradient; ``ops`` maps ``alpha``/``gamma``/``mu``/``kappa`` to one :data:`Op` per
+    block; ``rho``, ``beta1``, ``beta2``, ``c``, ``s`` the step's scalars."""
+
+    G: torch.Tensor
+    n: int
+    g: torch.Tensor
+    ops: dict[str, list[Op]]
+    rho: float
+    beta1: float
+    beta2: float
+    c: float = 1.0
+    s: float = 0.0
+    F: torch.Tensor | None = None
+
+
+def _right(A: torch.Tensor, op: Op) -> torch.Tensor:
+    """A · op for A [r, p_b] and a block operator (diagonal vector, Kronecker pair, pieces)."""
+    if isinstance(op, torch.Tensor):
+        return A * op
+    if isinstance(op, list):
+        return torch.cat([_right(A[:, sl], piece) for sl, piece in op], dim=1)
+    if isinstance(op, OpSum):
+        return sum(_right(A, o) for o in op)
+    lo, li = op
+    r = A.shape[0]
+    X = A.reshape(r, lo.shape[0], li.shape[0])
+    return torch.einsum("rab,ac,bd->rcd", X, lo, li).reshape(r, -1)
+
+
+def block_spans(p: int, sizes: Sequence[int] | None) -> list[slice]:
+    """Contiguous spans of the blocks (one span over [0, p) when ``sizes`` is None)."""
+    if sizes is None:
+        return [slice(0, p)]
+    spans, pos = [], 0
+    for n in sizes:
+        spans.append(slice(pos, pos + n))
+        pos += n
+    if pos != p:
+        raise ValueError(f"block sizes {list(sizes)} do not add up to p̃={p}")
+    return spans
+
+
+def algorithm1_adamw(
+    steps: Iterable[tuple[int, AdamWStep]],
+    p: int,
+    block_sizes: Sequence[int] | None = None,
+    *,
+    emit: Callable[[int, torch.Tensor], None],
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """Run the backward recursion over ``steps`` given as (t, step) from t = T−1 down to 0.
+
+    ``emit(t, E_t)`` receives each step's embeddings [B, p̃] as they are made. Returns the
+    final A_θ blocks (the propagator from θ_0 to θ_T on the subspace, for diagnostics).
+    ``block_sizes``: one recursion per block (coordinates contiguous); the clip term couples
+    blocks through gᵀδg and is kept within each block (block-diagonal approximation)."""
+    spans = block_spans(p, block_sizes)
+    At = [torch.eye(s.stop - s.start, dtype=dtype, device=device) for s in spans]
+    Am = [torch.zeros_like(a) for a in At]
+    Av = [torch.zeros_like(a) for a in At]
+    for t, st in steps:
+        G = st.G.to(dtype=dtype, device=device)
+        F = G if st.F is None else st.F.to(dtype=dtype, device=device)
+        g = st.g.to(dtype=dtype, device=device)
+        E = torch.empty_like(G)
+        for b, sp in enumerate(spans):
+            R = (_right(At[b], st.ops["alpha"][b]) + (1 - st.beta1) * Am[b]
+                 + _right(Av[b], st.ops["gamma"][b]))
+            if st.s != 0.0:
+                gb = g[sp]
+                Rc = st.c * R - st.s * torch.outer(R @ gb, gb)
+            else:
+                Rc = st.c * R if st.c != 1.0 else R
+            E[:, sp] = -(G[:, sp] @ Rc.T) / st.n
+            Fb = F[:, sp]
+            new_t = st.rho * At[b] + ((Rc @ Fb.T) @ Fb) / st.n
+            new_m = _right(At[b], st.ops["mu"][b]) + st.beta1 * Am[b]
+            new_v = _right(At[b], st.ops["kappa"][b]) + st.beta2 * Av[b]
+            At[b], Am[b], Av[b] = new_t, new_m, new_v
+        emit(t, E)
+    return At
+
+
+# ----------------------------------------------------------------------------- oracle
+def _dense_op(op: Op) -> torch.Tensor:
+    if isinstance(op, torch.Tensor):
+        return torch.diag(op)
+    if isinstance(op, list):
+        return torch.block_diag(*[_dense_op(piece) for _, piece in op])
+    if isinstance(op, OpSum):
+        return sum(_dense_op(o) for o in op)
+    return torch.kron(op[0], op[1])
+
+
+def naive_embeddings(steps: Sequence[AdamWStep], p: int, block_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Reference: explicit 3p̃×3p̃ Jacobians J_t and the push b_t(z), multiplied out:
+    E_t(z) = [I 0 0] J_{T−1} ⋯ J_{t+1} b_t(z). ``steps[t]`` is step t. float64, small p̃ only."""
+    spans = block_spans(p, block_sizes)
+    T = len(steps)
+
+    def full(name: str, st: AdamWStep) -> torch.Tensor:
+        out = torch.zeros(p, p, dtype=torch.float64)
+        for b, sp in enumerate(spans):
+            out[sp, sp] = _dense_op(st.ops[name][b]).double()
+        return out
+
+    def clip(st: AdamWStep) -> torch.Tensor:
+        C = st.c * torch.eye(p, dtype=torch.float64)
+        g = st.g.double()
+        for sp in spans:  # the clip's rank-one term is kept within each block
+            C[sp, sp] -= st.s * torch.outer(g[sp], g[sp])
+        return C
+
+    def blockdiag(X: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(X)
+        for sp in spans:
+            out[sp, sp] = X[sp, sp]
+        return out
+
+    I, Z = torch.eye(p, dtype=torch.float64), torch.zeros(p, p, dtype=torch.float64)
+    jac, push = [], []
+    for st in steps:
+        F = (st.G if st.F is None else st.F).double()
+        H = blockdiag(F.T @ F / st.n)
+        Cl = clip(st)
+        dgt_theta = Cl @ H  # δg̃ from δθ
+        alpha, gamma, mu, kappa = (full(k, st) for k in ("alpha", "gamma", "mu", "kappa"))
+        beta1, beta2 = st.beta1, st.beta2
+        # rows: θ', m', v'; columns: θ, m, v  (dense 3p̃ × 3p̃)
+        J = torch.cat([
+            torch.cat([st.rho * I + alpha @ dgt_theta, mu, kappa], 1),
+            torch.cat([(1 - beta1) * dgt_theta, beta1 * I, Z], 1),
+            torch.cat([gamma @ dgt_theta, Z, beta2 * I], 1),
+        ], 0)
+        jac.append(J)
+        B = torch.cat([alpha @ Cl, (1 - beta1) * Cl, gamma @ Cl], 0)  # δ(θ', m', v') per unit δg
+        push.append(B @ (-(st.G.double().T) / st.n))  # [3p̃, B]
+    out: list[torch.Tensor] = [torch.empty(0)] * T
+    S = torch.cat([I, Z, Z], 1)  # θ-row of the product of later steps
+    for t in range(T - 1, -1, -1):
+        out[t] = (S @ push[t]).T
+        S = S @ jac[t]
+    return out
