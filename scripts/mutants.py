@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("src", "tests", "configs", "pyproject.toml")
 FAST_TIER = "not slow and not gpu"
+# The whole fast tier, unit tests first: most mutants fail there within seconds, and -x stops.
+DEFAULT_TESTS = ("tests/unit", "tests/smoke")
 
 
 @dataclass(frozen=True)
