@@ -13,8 +13,10 @@ fails; a mutant that runs past ``--timeout`` counts as caught only with ``--time
     python scripts/mutants.py --check           # only check that every snippet occurs once
     python scripts/mutants.py --list
 
-Prints a table (mutant, module, caught by which test / SURVIVED) and exits 1 when any
-mutant survives, 2 when the catalogue no longer matches the source.
+First the unmutated tree runs the same tests (they must pass, else every mutant would look
+caught). Prints a table (mutant, module, caught by which test / SURVIVED) and exits 1 when
+any mutant survives, 2 when the catalogue no longer matches the source, 3 when the
+unmutated tests fail. ``--rev HEAD`` mutates the last commit instead of the working tree.
 """
 
 from __future__ import annotations
@@ -34,8 +36,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("src", "tests", "configs", "pyproject.toml")
 FAST_TIER = "not slow and not gpu"
-# The whole fast tier, unit tests first: most mutants fail there within seconds, and -x stops.
-DEFAULT_TESTS = ("tests/unit", "tests/smoke")
+# The whole fast tier as a list of files, the quick float64 oracles first: most mutants fail
+# there within seconds and -x stops (pytest keeps the order of file arguments).
+FIRST = (
+    "test_oracles_optim",
+    "test_embedding",
+    "test_oracles_lm",
+    "test_bootstrap",
+    "test_oracles_unroll",
+    "test_oracles_baselines",
+    "test_oracles_tsloo",
+    "test_oracles_embed",
+    "test_projection",
+    "test_grads",
+    "test_capture",
+    "test_replay",
+    "test_tsloo",
+    "test_detect",
+)
+
+
+def default_tests(root: Path = ROOT) -> list[str]:
+    files = sorted((root / "tests" / "unit").glob("test_*.py")) + sorted(
+        (root / "tests" / "smoke").glob("test_*.py")
+    )
+    rank = {name: i for i, name in enumerate(FIRST)}
+    files.sort(key=lambda f: (rank.get(f.stem, len(FIRST)), f.parent.name != "unit", f.name))
+    return [str(f.relative_to(root)) for f in files]
 
 
 @dataclass(frozen=True)
@@ -423,7 +450,16 @@ def check_catalogue(root: Path = ROOT) -> list[str]:
     return problems
 
 
-def _copy_repo(dst: Path) -> None:
+def make_base(dst: Path, rev: str | None) -> None:
+    """The unmutated tree every mutant starts from: the working tree, or a git revision
+    (``--rev HEAD``: immune to files being edited while the gauntlet runs)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if rev:
+        archive = subprocess.run(
+            ["git", "archive", rev, *COPIED], cwd=ROOT, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive.stdout, check=True)
+        return
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
     for name in COPIED:
         src = ROOT / name
@@ -472,12 +508,16 @@ def _check_import(copy: Path, python: str) -> None:
 _FAIL = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
 
 
-def run_one(m: Mutant, tests: list[str], timeout: float, python: str, keep: bool = False) -> dict:
+def run_one(
+    m: Mutant | None, base: Path, tests: list[str], timeout: float, python: str, keep: bool = False
+) -> dict:
+    """Copy ``base``, plant ``m`` (None: the unmutated baseline) and run the tests with -x."""
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f"mutant-{m.name}-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"mutant-{m.name if m else 'baseline'}-"))
     try:
-        _copy_repo(tmp)
-        _apply(tmp, m)
+        shutil.copytree(base, tmp, dirs_exist_ok=True)
+        if m is not None:
+            _apply(tmp, m)
         _check_import(tmp, python)
         cmd = [
             python,
@@ -489,7 +529,7 @@ def run_one(m: Mutant, tests: list[str], timeout: float, python: str, keep: bool
             "-q",
             "-p",
             "no:cacheprovider",
-            *tests,
+            *(tests or default_tests(tmp)),
         ]
         try:
             out = subprocess.run(
@@ -522,24 +562,41 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", default=[], help="run only this mutant (repeatable)")
     ap.add_argument(
-        "--tests",
-        action="append",
-        default=[],
-        help="test paths to run (default: the whole fast tier)",
+        "--tests", action="append", default=[], help="test paths (default: the fast tier)"
     )
     ap.add_argument("--jobs", type=int, default=2, help="mutants tested at the same time")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
     ap.add_argument(
-        "--timeout-caught", action="store_true", help="count a mutant that times out as caught"
+        "--timeout-caught", action="store_true", help="a mutant that times out counts as caught"
     )
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument(
-        "--check", action="store_true", help="only check that every snippet occurs exactly once"
+        "--check", action="store_true", help="only check that every snippet occurs once"
     )
     ap.add_argument("--list", action="store_true", help="print the catalogue and exit")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copies (debugging)")
+    ap.add_argument(
+        "--rev", default=None, help="mutate this git revision (e.g. HEAD), not the working tree"
+    )
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip the unmutated run (it must pass)"
+    )
     args = ap.parse_args()
-    problems = check_catalogue()
+    base = Path(tempfile.mkdtemp(prefix="mutants-base-"))
+    try:
+        make_base(base, args.rev)
+        return _gauntlet(args, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _report(r: dict) -> None:
+    name = r["mutant"].name if r["mutant"] else "(no mutant)"
+    print(f"  {name:40s} {r['status']:8s} {r['seconds']:6.0f}s  {r['by']}", flush=True)
+
+
+def _gauntlet(args, base: Path) -> int:
+    problems = check_catalogue(base)
     if problems:
         print(
             "the mutant catalogue no longer matches the source:\n  " + "\n  ".join(problems),
@@ -558,19 +615,23 @@ def main() -> int:
         print(f"unknown mutants: {sorted(unknown)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    if not args.no_baseline:  # a test failing without any mutant would "catch" every one
+        r = run_one(None, base, args.tests, args.timeout, args.python)
+        _report(r)
+        if r["status"] != "survived":
+            print(
+                "the tests fail (or time out) without any mutant; fix that first", file=sys.stderr
+            )
+            return 3
     results = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futs = [
-            pool.submit(run_one, m, args.tests, args.timeout, args.python, args.keep)
+            pool.submit(run_one, m, base, args.tests, args.timeout, args.python, args.keep)
             for m in chosen
         ]
         for f in futs:
-            r = f.result()
-            results.append(r)
-            print(
-                f"  {r['mutant'].name:40s} {r['status']:8s} {r['seconds']:6.0f}s  {r['by']}",
-                flush=True,
-            )
+            results.append(f.result())
+            _report(results[-1])
     survived = [
         r
         for r in results
