@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv test test-slow lint format reproduce ablate bench train clean-runs
+.PHONY: help venv test test-slow test-slow-only mutants lint format reproduce ablate bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ test: $(STAMP) ## Run the default test suite (offline, CPU, no slow/gpu tests)
 
 test-slow: $(STAMP) ## Run the slow science tests too
 	$(PY) -m pytest -m "not gpu" -q
+
+test-slow-only: $(STAMP) ## Run only the slow tier (science regression, worker processes)
+	$(PY) -m pytest -m "slow and not gpu" -q
+
+mutants: $(STAMP) ## Mutation gauntlet: plant each catalogued one-line bug, run the fast tier, list survivors
+	$(PY) scripts/mutants.py
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts

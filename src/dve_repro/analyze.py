@@ -277,7 +277,7 @@ def run_dynamics(cfg: Config, overrides: list[str], results: Path | None = None,
     embed_path = ensure_embedding(cfg, overrides, compute)
     if not (embed_path / "dynamics.npy").is_file():
         raise DveError(f"{embed_path} has no dynamics.npy; rerun `{_command('embed', overrides)} --force`")
-    dyn = np.load(embed_path / "dynamics.npy")
+    dyn = artifacts.load_npy(embed_path / "dynamics.npy")
     bounds = artifacts.read_json(embed_path / "boundaries.json")["boundaries"]
     occ = artifacts.load_table(embed_path / "occurrences.parquet")
     meta = artifacts.read_json(embed_path / "embedding.json")

@@ -118,47 +118,48 @@ class GradientStore:
                     check_compatible(saved.get("projection", {}), self.meta.get("projection", {}), str(self.folder))
                 raise ArtifactError(f"{self.folder} holds gradients of another configuration; delete it or use --force")
             saved_offsets = self.folder / "offsets.npy"
-            if saved_offsets.is_file() and not np.array_equal(np.load(saved_offsets), self.offsets):
+            if saved_offsets.is_file() and not np.array_equal(artifacts.load_npy(saved_offsets), self.offsets):
                 raise ArtifactError(f"{self.folder} holds gradients of another configuration (other batch sizes); "
                                     "delete it or use --force")
-        np_dtype = np.dtype(dtype)
-        self.G = self._open("G.npy", (int(self.offsets[-1]), dim), np_dtype, fresh)
-        self.F = self._open("F.npy", (int(self.offsets[-1]) * rows_per_point, dim), np_dtype, fresh) if rows_per_point else None
         done_path = self.folder / "done.npy"
         if fresh or not done_path.is_file():
             self.done = np.zeros(self.T, dtype=bool)
         else:
-            self.done = np.load(done_path)
-            if self.done.shape != (self.T,):
-                raise ArtifactError(f"{done_path} does not match the trajectory ({self.done.shape} vs {self.T} steps)")
+            self.done = artifacts.load_npy(done_path)
+            if self.done.shape != (self.T,) or self.done.dtype != np.bool_:
+                raise ArtifactError(f"{done_path} does not match the trajectory ({self.done.shape} vs {self.T} steps); "
+                                    "delete it to recompute the gradients")
+        np_dtype = np.dtype(dtype)
+        mode = "r" if self.done.all() else "r+"  # a finished store is never written again
+        self.G = self._open("G.npy", (int(self.offsets[-1]), dim), np_dtype, fresh, mode)
+        self.F = (self._open("F.npy", (int(self.offsets[-1]) * rows_per_point, dim), np_dtype, fresh, mode)
+                  if rows_per_point else None)
         if fresh:
             artifacts.write_json(meta_path, self.meta)
 
-    def _open(self, name: str, shape: tuple, dtype, fresh: bool):
+    def _open(self, name: str, shape: tuple, dtype, fresh: bool, mode: str):
+        """A new map (allocated on disk now), or an existing one after its size is checked."""
         path = self.folder / name
         if fresh or not path.is_file():
-            return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        try:
-            arr = np.load(path, mmap_mode="r+")
-        except (ValueError, OSError) as exc:
-            raise ArtifactError(f"corrupt or truncated gradient file {path}: {exc}") from None
-        if arr.shape != shape or arr.dtype != dtype:
-            raise ArtifactError(f"{path} has shape {arr.shape}, expected {shape}")
-        return arr
+            if self.done.any():
+                raise ArtifactError(f"{path} is missing but {self.folder / 'done.npy'} marks steps done; "
+                                    "delete the folder to recompute the gradients")
+            return artifacts.create_npy(path, shape, dtype)
+        return artifacts.open_npy(path, mode, shape, dtype)
 
     @classmethod
     def open_existing(cls, folder: Path) -> GradientStore:
         meta = artifacts.read_json(Path(folder) / "meta.json")
-        offsets = np.load(Path(folder) / "offsets.npy")
+        offsets = artifacts.load_npy(Path(folder) / "offsets.npy")
         keep = {k: v for k, v in meta.items() if k not in ("dim", "rows_per_point", "dtype", "n_rows", "steps")}
         return cls(folder, offsets, meta["dim"], keep, meta["rows_per_point"], meta["dtype"])
 
     def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None) -> None:
         a, b = self.offsets[t], self.offsets[t + 1]
+        if self.F is not None and curv is None:
+            raise ValueError("curvature rows required")
         self.G[a:b] = rows.detach().to("cpu", torch.float64 if self.G.dtype == np.float64 else torch.float32).numpy()
         if self.F is not None:
-            if curv is None:
-                raise ValueError("curvature rows required")
             self.F[a * self.rpp : b * self.rpp] = curv.detach().cpu().to(torch.float64).numpy()
         self.done[t] = False  # marked by commit()
 
@@ -172,11 +173,9 @@ class GradientStore:
         """
         for t in steps:
             self.done[t] = True
-        with artifacts.atomic_path(self.folder / "done.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, self.done)
+        artifacts.save_npy(self.folder / "done.npy", self.done)
         if not (self.folder / "offsets.npy").is_file():
-            with artifacts.atomic_path(self.folder / "offsets.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, self.offsets)
+            artifacts.save_npy(self.folder / "offsets.npy", self.offsets)
 
     @property
     def complete(self) -> bool:

@@ -1,7 +1,8 @@
 """The ``dve`` command line (Typer). Every command takes Hydra-style overrides.
 
 Errors a user can cause are printed as one line (``error: …``) with exit code 2; an
-interrupted command exits 130 and resumes when rerun.
+interrupted command exits 130 and resumes when rerun. Any other failure is one line with
+exit code 1; ``DVE_DEBUG=1`` shows its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pathlib import Path
 
 import typer
 
-from dve_repro.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, DveError
+from dve_repro.errors import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    DveError,
+    describe_os_error,
+)
 
 OVERRIDE_HELP = (
     "Hydra-style overrides, e.g. `experiment=mnist_mlp optim.lr=0.05 trajectory.checkpoint_every=1`. "
@@ -59,8 +66,33 @@ def guarded(fn):
         except MemoryError:
             typer.echo("error: out of memory; use a smaller projection, embed.blocks=layer or fewer points", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except (typer.Exit, SystemExit):
+            raise
+        except OSError as exc:
+            if _debug():
+                raise
+            typer.echo(f"error: {describe_os_error(exc)}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except Exception as exc:
+            if _debug():
+                raise
+            if isinstance(exc, RuntimeError) and "allocate" in str(exc):
+                typer.echo("error: out of memory: " + _one_line(exc) + "; use a smaller model or fewer points", err=True)
+                raise typer.Exit(EXIT_USER_ERROR) from None
+            typer.echo(f"error: internal error {type(exc).__name__}: {_one_line(exc)} "
+                       "(a bug in dve; run with DVE_DEBUG=1 for the traceback)", err=True)
+            raise typer.Exit(EXIT_INTERNAL_ERROR) from None
 
     return wrapper
+
+
+def _debug() -> bool:
+    return os.environ.get("DVE_DEBUG", "") not in ("", "0")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()[:300]
 
 
 def _setup(overrides: list[str]):
@@ -121,17 +153,43 @@ def embed(
     typer.echo(str(run_embedding(cfg, run, force=force)))
 
 
-@app.command(help="Score a query set against saved embeddings without recomputing them.")
+@app.command(help="Score a query set against saved embeddings without recomputing them. Give an embedding "
+             "directory written by `dve embed`, or the same overrides as `dve embed` (e.g. experiment=mnist_mlp), "
+             "which name it. Prints the path of the scores and, on stderr, the most and least helpful points.")
 @guarded
 def score(
-    embed_dir: Path = typer.Argument(..., help="An embedding directory written by `dve embed`."),
-    overrides: list[str] = typer.Argument(None, help="Optional projection overrides; must match the saved ones."),
+    args: list[str] = typer.Argument(None, help="[EMBED_DIR] followed by overrides: with EMBED_DIR, projection "
+                                     "overrides that must match the saved ones; without, `dve embed`'s overrides.",
+                                     show_default=False),
     split: str = typer.Option("test", help="Query split of the run's data: val or test."),
     queries: Path = typer.Option(None, help="An .npz file with arrays x (features) and y (labels)."),
+    top: int = typer.Option(5, "--top", help="How many of the highest and lowest scored points to print."),
 ) -> None:
-    from dve_repro.embed import score_queries
+    from dve_repro import ui
+    from dve_repro.embed import embed_dir_for, score_queries, score_summary
 
-    typer.echo(str(score_queries(embed_dir, overrides or [], split, queries)))
+    embed_path, overrides = _split_run_dir(args or [])
+    if embed_path is None:
+        if not overrides:
+            raise DveError("give an embedding directory or the overrides of `dve embed` (e.g. experiment=mnist_mlp)")
+        _setup(overrides)
+        embed_path, overrides = embed_dir_for(overrides), []
+    out = score_queries(embed_path, overrides, split, queries)
+    for line in score_summary(out, top):
+        ui.log(line)
+    typer.echo(str(out))
+
+
+@app.command(help="Check every run folder under RUN_DIR (a run folder, an experiment folder or results/runs): "
+             "each file's size and full checksum against the manifest written beside DONE, and that the folder's "
+             "name is the fingerprint of its config. One line per folder; exit 1 when any is damaged.")
+@guarded
+def verify(run_dir: Path = typer.Argument(..., help="A run folder or a folder of run folders.")) -> None:
+    from dve_repro.artifacts import verify_tree
+
+    code = verify_tree(run_dir, typer.echo)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("compare-tsloo", help="E1: compare DVEmb and baselines with ground-truth TSLOO by retraining. "

@@ -35,6 +35,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from dve_repro import artifacts, baselines, ui, unroll
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
+from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
 
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
@@ -46,10 +47,12 @@ def compare_dir(cfg: Config) -> Path:
 
 def _cached(path: Path, compute) -> np.ndarray:
     if path.is_file():
-        return np.load(path)
+        try:
+            return artifacts.load_npy(path)
+        except DveError as exc:  # a cache: recomputing it gives the same values
+            ui.warn(f"warning: {exc}; recomputing it")
     value = np.asarray(compute())
-    with artifacts.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, value)
+    artifacts.save_npy(path, value)
     return value
 
 
@@ -65,7 +68,7 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     k = min(cfg.baselines.val_points, int(run.task.x_val.shape[0]))
     occ_scores: dict[str, np.ndarray] = {}
     mean = artifacts.load_table(embed_path / "scores.parquet")["score"].to_numpy()
-    pts = np.load(embed_path / "scores_points.npy", mmap_mode="r")[:, :k]
+    pts = artifacts.open_npy(embed_path / "scores_points.npy", "r")[:, :k]
     # On a momentum / AdamW / clipped run the paper's recursion is an SGD proxy: say so in its name.
     occ_scores[dvemb_name(run)] = np.concatenate([mean[:, None], pts], axis=1)
     x_q, y_q = run.task.x_val, run.task.y_val
@@ -254,7 +257,7 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     per-point baselines; None = yes for classifiers, no for language models."""
     from dve_repro.embed import run_embedding
     from dve_repro.train import run_training
-    from dve_repro.tsloo import load_ground_truth, run_tsloo
+    from dve_repro.tsloo import run_tsloo
 
     ui.set_enabled(cfg.runtime.progress)
     run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
@@ -263,7 +266,17 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
         return None
     embed_path = run_embedding(cfg, run)
     rd = artifacts.RunDir(compare_dir(cfg), stage_payload(cfg, "compare"))
-    rd.prepare(to_dict(cfg), run.device, force=force)
+    rd.check()
+    with rd.locked():
+        rd.reusable(force)  # verifies a finished folder's caches; a damaged one is rebuilt beside it
+        rd.prepare(to_dict(cfg), run.device, force=force)
+        return _compare(cfg, run, rd, gt_path, embed_path, results_dir, figures, per_point)
+
+
+def _compare(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, gt_path: Path, embed_path: Path,
+             results_dir: Path | None, figures: bool, per_point: bool | None) -> Path:
+    from dve_repro.tsloo import load_ground_truth
+
     jobs, truth = load_ground_truth(gt_path)
     if per_point is None:
         per_point = run.task.kind != "lm"

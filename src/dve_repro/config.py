@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ class ImageDataConfig:
     split_seed: int = 0  # permutation of the source before the split
     label_noise: float = 0.0  # fraction of training labels flipped to another class
     noise_seed: int = 0
+    # CIFAR-10's files are python pickles, which can run code when read: files whose md5 is not
+    # the official release's are refused unless this is true. Safety only: not in the fingerprint.
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -278,10 +282,45 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
             raw = hydra_compose(config_name="config", overrides=list(overrides))
         container = OmegaConf.to_container(raw, resolve=True)
     except Exception as exc:  # Hydra and OmegaConf raise many types; all mean bad input here
-        raise ConfigError(f"bad configuration: {_first_line(exc)}") from None
+        raise ConfigError(f"bad configuration: {_explain(exc, cdir)}") from None
     finally:
         GlobalHydra.instance().clear()
     return from_dict(container)
+
+
+def known_keys() -> list[str]:
+    """Every settable ``section.key`` of every schema (for suggestions)."""
+    keys = {f.name for f in dataclasses.fields(Config) if f.name not in ("data", "model")}
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)}
+    for section, schemas in (("data", DATA_SCHEMAS), ("model", MODEL_SCHEMAS)):
+        for schema in schemas.values():
+            keys |= {f"{section}.{g.name}" for g in dataclasses.fields(schema)}
+    return sorted(keys)
+
+
+def _explain(exc: BaseException, cdir: Path) -> str:
+    """Hydra's first line, with the closest key or the available options added."""
+    import difflib
+    import re
+
+    text = str(exc)
+    line = _first_line(exc)
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        key = m.group(1)
+        close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown key {key}{hint}"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if m:
+        group, option = m.groups()
+        options = sorted(p.stem for p in (cdir / group).glob("*.yaml"))
+        close = difflib.get_close_matches(option, options, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"unknown {group} {option!r}; {hint}available: {', '.join(options)}"
+    return line
 
 
 def _structured(schema: type, values: Any, where: str) -> Any:
@@ -310,6 +349,12 @@ def from_dict(container: dict[str, Any]) -> Config:
         raise ConfigError(f"data.name must be one of {sorted(DATA_SCHEMAS)} (got {dname!r})")
     if mname not in MODEL_SCHEMAS:
         raise ConfigError(f"model.name must be one of {sorted(MODEL_SCHEMAS)} (got {mname!r})")
+    text_data, text_model = DATA_SCHEMAS[dname] is TextDataConfig, mname == "gpt_neox"
+    if text_data != text_model:
+        raise ConfigError(
+            f"model.name={mname} cannot train on data.name={dname}: a gpt_neox model needs text data "
+            "(data=text or data=pile), an mlp or cnn needs images (data=mnist or data=cifar10)"
+        )
     cfg = _structured(Config, container, "config")
     cfg.data = _structured(DATA_SCHEMAS[dname], data, "data")
     cfg.model = _structured(MODEL_SCHEMAS[mname], model, "model")
@@ -364,7 +409,6 @@ def validate(cfg: Config) -> None:
         _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
     if isinstance(m, GPTNeoXModelConfig):
         _one_of(m.capture_layers, LM_CAPTURE_LAYERS, "model.capture_layers")
-        _check(isinstance(d, TextDataConfig), "a gpt_neox model needs text data (data=text or data=pile)")
     if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
         _check(
             d.seq_len <= m.max_position_embeddings,
@@ -422,12 +466,77 @@ def validate(cfg: Config) -> None:
     r = cfg.runtime
     _one_of(r.device, ("cpu", "cuda", "auto"), "runtime.device")
     _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
+    _validate_seeds(cfg)
+    _validate_shapes(cfg)
+    _validate_memory(cfg)
+    if isinstance(d, ImageDataConfig) and d.source == "embedded":
+        _check(t.batch_size <= d.n_train,
+               f"train.batch_size={t.batch_size} is larger than the training set (data.n_train={d.n_train})")
+
+
+#: What the image datasets give a model: features per point, image layout, classes.
+IMAGE_SHAPES = {"mnist": (784, 1, 28, 10), "cifar10": (3072, 3, 32, 10)}
+
+
+def _validate_seeds(cfg: Config) -> None:
+    seeds = {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed,
+             "train.order_seed": cfg.train.order_seed, "model.init_seed": cfg.model.init_seed,
+             "projection.seed": cfg.projection.seed, "embed.mc_seed": cfg.embed.mc_seed,
+             "tsloo.seed": cfg.tsloo.seed, "baselines.bootstrap_seed": cfg.baselines.bootstrap_seed}
+    if isinstance(cfg.data, ImageDataConfig):
+        seeds["data.noise_seed"] = cfg.data.noise_seed
+    for key, value in seeds.items():
+        _check(value >= 0, f"{key} must be >= 0 (got {value}): seeds are non-negative integers")
+
+
+def _validate_shapes(cfg: Config) -> None:
+    """The model's input and output sizes must be the data's."""
+    d, m = cfg.data, cfg.model
+    if not isinstance(d, ImageDataConfig):
+        return
+    features, channels, size, classes = IMAGE_SHAPES[d.name]
+    if isinstance(m, MLPConfig):
+        _check(m.in_features == features,
+               f"model.in_features={m.in_features} but {d.name} images have {features} values; set model.in_features={features}")
+    if isinstance(m, CNNConfig):
+        _check(m.in_channels == channels and m.image_size == size,
+               f"model.in_channels={m.in_channels}, model.image_size={m.image_size} but {d.name} images are "
+               f"{channels}x{size}x{size}")
+    _check(m.n_classes == classes, f"model.n_classes={m.n_classes} but {d.name} has {classes} classes")
+
+
+def parameter_count(m: Any) -> int:
+    """Parameters of the configured model (before building it)."""
+    if isinstance(m, MLPConfig):
+        sizes = [m.in_features, *m.hidden, m.n_classes]
+        return sum((a + 1) * b for a, b in itertools.pairwise(sizes))
+    if isinstance(m, CNNConfig):
+        return sum(m.channels) * 9 * max(m.channels) + m.hidden * (max(m.channels) * m.image_size**2 + m.n_classes)
+    if isinstance(m, GPTNeoXModelConfig):
+        h, inter = m.hidden_size, m.intermediate_size
+        per_layer = 4 * h * h + 2 * h * inter + 9 * h + inter
+        return m.vocab_size * h * (1 if m.tie_word_embeddings else 2) + m.num_hidden_layers * per_layer
+    return 0
+
+
+def _validate_memory(cfg: Config) -> None:
+    """Refuse a model whose parameters alone exceed this machine's memory (before allocating)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    n = parameter_count(cfg.model)
+    item = 2 if cfg.train.dtype == "bfloat16" else (4 if cfg.train.dtype == "float32" else 8)
+    need = n * max(item, 4) * 2  # weights and their gradient, at the least
+    _check(need <= total, f"the configured model has {n:,} parameters: {need / 2**30:,.1f} GiB for its weights "
+                          f"and gradient alone, more than this machine's {total / 2**30:,.0f} GiB of memory")
 
 
 # --------------------------------------------------------------------------- fingerprints
 
 # Sections (and fields) that change what a stage computes. Speed-only fields are dropped.
 _SPEED_ONLY = {
+    "data": {"trust_pickle"},
     "embed": {"workers", "engine", "chunk_steps", "max_matrix_gb"},
     "tsloo": {"chunk_size", "workers"},
     "projection": {"chunk_size"},

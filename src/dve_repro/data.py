@@ -10,6 +10,9 @@ Sources
   torchvision's class refuses any file whose md5 differs from the official release, so a
   subset or a test-written file could not be read; instead we read the format ourselves
   and say in the description whether the files match the official checksums.
+  **These files are python pickles, and reading a pickle can run arbitrary code.** A file
+  is unpickled only when its md5 is the official release's (:data:`CIFAR_MD5`), or when
+  the user passes ``data.trust_pickle=true`` for files they made or trust.
 
 Label noise flips ``round(label_noise * n_train)`` training labels, each to a different
 class, chosen with ``data.noise_seed``; the flipped indices and their true labels are
@@ -83,19 +86,51 @@ def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = ("test_batch",)
+#: md5 of each file of the official ``cifar-10-python.tar.gz`` (as published with it and in torchvision).
+CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
 
 
-def _read_cifar_batches(root: str | Path, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_pickle_trust(path: Path, trust: bool) -> None:
+    """Refuse to unpickle a CIFAR-10 file that is not the official one, unless trusted."""
+    if trust or _md5(path) == CIFAR_MD5.get(path.name):
+        return
+    raise DveError(
+        f"{path} is not the official CIFAR-10 file (its md5 differs) and it is a python pickle, which can run "
+        "code when read; pass data.trust_pickle=true only if you made or trust these files"
+    )
+
+
+def _read_cifar_batches(root: str | Path, train: bool = True, trust: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read CIFAR-10's python batches: images uint8 [N, 3, 32, 32] (NCHW), labels int64 [N].
 
     ``<root>/cifar-10-batches-py/data_batch_1..5`` (train) or ``test_batch``: each a pickled
     dict with ``data`` uint8 [n, 3072] (1024 red, 1024 green, 1024 blue values, rows of 32)
-    and ``labels`` (n ints in 0..9). Like torchvision, this unpickles the files: read only
-    files you trust. ``batches.meta``, when present, must name 10 classes.
+    and ``labels`` (n ints in 0..9). Like torchvision, this unpickles the files, so a file
+    is read only when its md5 is the official one or ``trust`` is true.
+    ``batches.meta``, when present, must name 10 classes.
     """
     folder = Path(root) / CIFAR_FOLDER
     meta = folder / "batches.meta"
     if meta.is_file():
+        _check_pickle_trust(meta, trust)
         names = _unpickle(meta).get("label_names")
         if names is None or len(names) != 10:
             raise DveError(f"{meta} does not name the 10 CIFAR-10 classes (label_names={names!r})")
@@ -106,6 +141,7 @@ def _read_cifar_batches(root: str | Path, train: bool = True) -> tuple[np.ndarra
             raise DveError(
                 f"missing CIFAR-10 file {path} (put the python batches there or pass data.download=true)"
             )
+        _check_pickle_trust(path, trust)
         entry = _unpickle(path)
         if "data" not in entry or "labels" not in entry:
             raise DveError(
@@ -164,7 +200,7 @@ def _cifar10(cfg: ImageDataConfig, train: bool) -> tuple[np.ndarray, np.ndarray]
             raise DveError(
                 f"cannot download cifar10 into {root}: {type(exc).__name__}: {_first(exc)}"
             ) from None
-    x, y = _read_cifar_batches(root, train)
+    x, y = _read_cifar_batches(root, train, cfg.trust_pickle)
     return x.astype(np.float64) / 255.0, y
 
 

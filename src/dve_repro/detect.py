@@ -229,8 +229,11 @@ def method_values(
     for name, fn in compute.items():
         path = cache / f"{name}.npy"
         if path.is_file():
-            out[name] = np.load(path)
-            continue
+            try:
+                out[name] = artifacts.load_npy(path)
+                continue
+            except DveError as exc:  # a cache: recomputing it gives the same values
+                ui.warn(f"warning: {exc}; recomputing it")
         t0 = time.perf_counter()
         value = np.asarray(fn(), dtype=np.float64)
         timings[name] = time.perf_counter() - t0
@@ -412,7 +415,19 @@ def run_detect(
     embed_path = run_embedding(cfg, run)
     path, payload = detect_dir(cfg)
     rd = artifacts.RunDir(path, payload)
-    rd.prepare(to_dict(cfg), run.device, force=force)
+    rd.check()
+    lock = artifacts.FolderLock(path)
+    lock.acquire()  # held until this function returns (or fails)
+    try:
+        rd.reusable(force)  # a damaged finished folder is rebuilt beside it
+        rd.prepare(to_dict(cfg), run.device, force=force)
+        return _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_dir, command, figures)
+    finally:
+        lock.release()
+
+
+def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_dir, command, figures) -> Path:
+    n = run.task.n_train
     values, timings, notes = method_values(cfg, run, embed_path, rd.path)
     epochs, per_epoch = epoch_values(embed_path, n)
 

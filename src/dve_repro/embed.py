@@ -22,6 +22,7 @@ trained with ``trajectory.capture=true``). Writes ``<out_root>/<name>/embed-<fin
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -93,9 +94,19 @@ def gradients(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> G
                 return store
         except DveError:
             pass  # captured with another projection or curvature: recompute below
-    store = GradientStore(folder, offsets, feat.projector.out_dim, meta, rpp, cfg.embed.storage_dtype)
-    if store.complete:
-        return store
+    with artifacts.FolderLock(folder):  # shared by embeddings: one process fills it at a time
+        if (folder / artifacts.DONE).is_file() and (problems := artifacts.verify(folder)):
+            ui.warn(f"warning: {folder} is damaged ({problems[0]}); recomputing the gradients")
+            shutil.rmtree(folder)
+        store = GradientStore(folder, offsets, feat.projector.out_dim, meta, rpp, cfg.embed.storage_dtype)
+        if not store.complete:
+            _replay_gradients(cfg, run, feat, store, rpp)
+        if not (folder / artifacts.DONE).is_file():
+            artifacts.RunDir(folder, {}).mark_done({"gradients": "complete"})
+    return store
+
+
+def _replay_gradients(cfg: Config, run: TrainedRun, feat: Featurizer, store: GradientStore, rpp: int) -> None:
     first = int(np.flatnonzero(~store.done)[0])
     start = run.nearest_checkpoint(first)
     traj, task = run.traj, run.task
@@ -120,7 +131,6 @@ def gradients(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> G
 
         replay(run, start=start, before_step=before)
         store.commit(pending)
-    return store
 
 
 def grads_dir(cfg: Config, feat: Featurizer) -> Path:
@@ -162,25 +172,41 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     bounds = boundaries_for(run, cfg.embed.segments) if cfg.embed.algorithm == 2 else None
     payload = stage_payload(cfg, "embed")
     rd = artifacts.RunDir(embed_dir(cfg), payload)
-    if rd.done and not force:
-        rd.prepare(to_dict(cfg), run.device)
-        ui.log(f"reusing finished embedding {rd.path}")
-        return rd.path
-    rd.prepare(to_dict(cfg), run.device, force=force)
-    feat = make_featurizer(cfg, run)
+    rd.check()
+    with rd.locked():  # one process per embedding folder; a finished one is verified before reuse
+        if rd.reusable(force):
+            ui.log(f"reusing finished embedding {rd.final}")
+            return rd.final
+        feat = make_featurizer(cfg, run)
+        blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
+        embedding.check_matrix_fits(feat.projector.out_dim, blocks, torch.float64, cfg.embed.max_matrix_gb,
+                                    copies=2 if cfg.embed.algorithm == 2 else 1)
+        _check_space(cfg, run, feat, rd.final)
+        rd.prepare(to_dict(cfg), run.device, force=force)
+        _embed(cfg, run, rd, feat, blocks, bounds)
+    return rd.final
+
+
+def _check_space(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> None:
+    """Refuse before any work when E, the scores and recomputed gradients cannot fit on disk."""
+    n_rows, item = int(run.traj.offsets()[-1]), np.dtype(cfg.embed.storage_dtype).itemsize
+    rpp = curvature_rows_per_point(cfg.embed.curvature, run.task.n_classes, cfg.embed.mc_samples)
+    need = n_rows * feat.projector.out_dim * item + n_rows * (1 + int(run.task.x_val.shape[0])) * 8
+    if not (run.path / "grads").is_dir() and not (grads_dir(cfg, feat) / artifacts.DONE).is_file():
+        need += n_rows * (1 + rpp) * feat.projector.out_dim * item
+    artifacts.ensure_space(folder.parent, need, "the embedding (E, scores and gradients)")
+
+
+def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer, blocks, bounds) -> None:
     p_dim = feat.projector.out_dim
-    blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
     sdtype = torch.float64 if cfg.embed.storage_dtype == "float64" else torch.float32
-    embedding.check_matrix_fits(p_dim, blocks, torch.float64, cfg.embed.max_matrix_gb,
-                                copies=2 if cfg.embed.algorithm == 2 else 1)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     store = gradients(cfg, run, feat, grads_dir(cfg, feat))
     timings["capture_s"] = time.perf_counter() - t0
     offsets = run.traj.offsets()
     w = run.traj.lrs / run.traj.sizes()
-    E = np.lib.format.open_memmap(rd.file("E.npy.partial"), mode="w+", dtype=np.dtype(cfg.embed.storage_dtype),
-                                  shape=store.G.shape)
+    E = artifacts.create_npy(rd.file("E.npy.partial"), store.G.shape, cfg.embed.storage_dtype)
     occ = run.traj.occurrences()
     final = run.final_params()
     t0 = time.perf_counter()
@@ -207,8 +233,7 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     Q = query_features(feat, final, run.task.x_val, run.task.y_val).to(sdtype)  # [N_val, p̃]
     q_mean = Q.mean(0)
     scores_mean = np.empty(len(occ))
-    scores_pts = np.lib.format.open_memmap(rd.file("scores_points.npy.partial"), mode="w+", dtype=np.float64,
-                                           shape=(len(occ), Q.shape[0]))
+    scores_pts = artifacts.create_npy(rd.file("scores_points.npy.partial"), (len(occ), Q.shape[0]), np.float64)
     for a in range(0, len(occ), 8192):
         rows = torch.from_numpy(np.asarray(E[a : a + 8192])).to(sdtype)
         scores_mean[a : a + 8192] = (rows @ q_mean).double().numpy()
@@ -226,7 +251,7 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     artifacts.save_table(rd.file("values.parquet"), pd.DataFrame(
         {"index": idx.numpy(), "all_epoch": total.numpy(), "single_epoch": last.numpy()}))
     if dynamics is not None:
-        np.save(rd.file("dynamics.npy"), np.asarray(dynamics, dtype=np.float64))
+        artifacts.save_npy(rd.file("dynamics.npy"), np.asarray(dynamics, dtype=np.float64))
         artifacts.write_json(rd.file("boundaries.json"), {"boundaries": bounds})
     meta = {
         "train_run": str(run.path),
@@ -245,8 +270,7 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     }
     artifacts.write_json(rd.file("embedding.json"), meta)
     rd.mark_done({"timings": timings})
-    ui.log(f"embedded {len(occ)} occurrences (p̃={p_dim}, {meta['estimator']}) -> {rd.path}")
-    return rd.path
+    ui.log(f"embedded {len(occ)} occurrences (p̃={p_dim}, {meta['estimator']}) -> {rd.final}")
 
 
 def load_embedding(path: Path) -> tuple[dict, Config]:
@@ -299,9 +323,35 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
     if x.shape[0] == 0:
         raise DveError(f"the query set {name!r} is empty")
     q = query_features(feat, run.final_params(), x, y).mean(0)
-    E = np.load(Path(embed_path) / "E.npy", mmap_mode="r")
+    E = artifacts.open_npy(Path(embed_path) / "E.npy", "r")
     scores = np.concatenate([np.asarray(E[a : a + 8192]) @ q.double().numpy() for a in range(0, E.shape[0], 8192)])
     occ = artifacts.load_table(Path(embed_path) / "occurrences.parquet")
-    out = Path(embed_path) / f"query-{name}" / "scores.parquet"
-    artifacts.save_table(out, occ.assign(score=scores))
-    return out
+    if len(occ) != len(scores):
+        raise ArtifactError(f"{embed_path}: E.npy has {len(scores)} rows but occurrences.parquet {len(occ)}")
+    rd = artifacts.RunDir(Path(embed_path) / f"query-{name}", {})
+    with rd.locked():
+        rd.final.mkdir(exist_ok=True)
+        (rd.final / artifacts.DONE).unlink(missing_ok=True)
+        artifacts.save_table(rd.file("scores.parquet"), occ.assign(score=scores))
+        rd.mark_done({"queries": name, "n": int(x.shape[0])})
+    return rd.final / "scores.parquet"
+
+
+def embed_dir_for(overrides: list[str]) -> Path:
+    """The embedding folder that `dve embed` with these overrides writes."""
+    cfg = compose(overrides)
+    path = embed_dir(cfg)
+    if not (path / artifacts.DONE).is_file():
+        raise ArtifactError(f"no finished embedding for this config at {path}; run `dve embed` with the same "
+                            "overrides first")
+    return path
+
+
+def score_summary(scores_path: Path, top: int = 5) -> list[str]:
+    """Lines naming the ``top`` most helpful and most harmful training points (scores summed
+    over each point's occurrences; positive = removing the point raises the query loss)."""
+    df = artifacts.load_table(scores_path)
+    per = df.groupby("index")["score"].sum().sort_values(ascending=False)
+    fmt = lambda s: ", ".join(f"{int(i)} ({v:+.3g})" for i, v in s.items())  # noqa: E731
+    return [f"{len(per)} training points scored; most helpful: {fmt(per.head(top))}",
+            f"most harmful: {fmt(per.tail(top)[::-1])}"]

@@ -49,6 +49,7 @@ class TrainedRun:
             raise ArtifactError(f"run directory not found: {path}")
         if not (path / artifacts.DONE).is_file():
             raise ArtifactError(f"{path} has no DONE marker: training did not finish; rerun `dve train` with the same config")
+        artifacts.require_verified(path, "training run", "rerun `dve train` with the same overrides to rebuild it")
         saved = artifacts.read_json(path / "config.json")
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ArtifactError(f"{path / 'config.json'} holds no resolved config")

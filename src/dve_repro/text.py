@@ -189,12 +189,14 @@ def _jsonl_documents(files: list[Path], fraction: float, seed: int) -> Iterator[
     """(file index, text) of the kept documents of Pile-style shards."""
     position = 0
     for fi, path in enumerate(files):
-        for line_no, line in _raw_lines(path):
+        checked = False  # the first document of every shard is parsed even when not kept:
+        for line_no, line in _raw_lines(path):  # a foreign file fails here, whatever data.fraction
             if not line.strip():
                 continue
             position += 1
-            if not _keep(position - 1, seed, fraction):
+            if not _keep(position - 1, seed, fraction) and checked:
                 continue
+            checked = True
             try:
                 obj = json.loads(line)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -205,7 +207,7 @@ def _jsonl_documents(files: list[Path], fraction: float, seed: int) -> Iterator[
             text = obj["text"]
             if not isinstance(text, str):
                 raise DveError(f'{path}:{line_no}: "text" is {type(text).__name__}, not a string')
-            if text:
+            if text and _keep(position - 1, seed, fraction):
                 yield fi, text
 
 
@@ -320,6 +322,42 @@ def pack(stream: np.ndarray, seq_len: int, n: int, what: str) -> torch.Tensor:
         )
     rows = np.asarray(stream[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     return torch.from_numpy(rows)
+
+
+def _text_bytes(path: Path) -> int | None:
+    """Uncompressed size of a source file without reading it (None when unknown)."""
+    name = path.name
+    try:
+        if name.endswith(".gz"):
+            with open(path, "rb") as fh:  # ISIZE: the last 4 bytes (mod 2^32; files here are small)
+                fh.seek(-4, os.SEEK_END)
+                return int.from_bytes(fh.read(4), "little")
+        if name.endswith(".zst"):
+            import zstandard
+
+            with open(path, "rb") as fh:
+                size = zstandard.frame_content_size(fh.read(18))
+            return size if size >= 0 else None
+        return path.stat().st_size
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def _check_size_before_tokenizing(cfg: TextDataConfig, files: list[Path]) -> None:
+    """Refuse an ``n_train`` that the source cannot give, before minutes of tokenizing: a
+    token covers at least one byte of text (plus one end-of-text token per document)."""
+    if cfg.n_train <= 0:
+        return
+    sizes = [_text_bytes(p) for p in files]
+    if any(s is None for s in sizes):
+        return
+    bound = 2 * sum(sizes)
+    need = (cfg.n_train + cfg.n_val) * cfg.seq_len
+    if need > bound:
+        raise DveError(
+            f"data.n_train={cfg.n_train} sequences of data.seq_len={cfg.seq_len} need {need:,} tokens, but the "
+            f"source holds at most {bound:,} ({sum(sizes):,} bytes of text); lower data.n_train"
+        )
 
 
 # --------------------------------------------------------------------------- cache
@@ -515,6 +553,7 @@ def load_text(
     meta = _cache_valid(folder, key)
     from_cache = meta is not None
     if meta is None:
+        _check_size_before_tokenizing(cfg, files)
         if folder.exists():  # a stale or damaged cache under the same name
             shutil.rmtree(folder)
         meta = _build_cache(folder, key, cfg, files, tok, eot, vocab, desc, max_docs, progress)

@@ -28,13 +28,14 @@ import torch
 
 from dve_repro import artifacts, ui
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
-from dve_repro.errors import ArtifactError
+from dve_repro.errors import ArtifactError, ConfigError
 from dve_repro.grads import LinearFactorHooks
 from dve_repro.optim import init_state, lr_schedule, update
 from dve_repro.tasks import Task, build_task, initial_params, resolve_device
 from dve_repro.trajectory import (
     TRAJECTORY,
     checkpoint_schedule,
+    ckpt_path,
     list_checkpoints,
     load_checkpoint,
     plan_batches,
@@ -91,27 +92,67 @@ def _resume_point(run_dir: Path, n_steps: int) -> tuple[int, list[dict]]:
         except ArtifactError:
             rows = []
     usable = [s for s in ckpts if s <= len(rows) and s <= n_steps]
-    start = max(usable) if usable else 0
-    return start, rows[:start]
+    for start in sorted(usable, reverse=True):  # a truncated checkpoint is skipped, not trusted
+        try:
+            artifacts.check_tensors(ckpt_path(run_dir, start))
+        except ArtifactError:
+            ui.warn(f"warning: {ckpt_path(run_dir, start)} is damaged; resuming from an earlier checkpoint")
+            continue
+        if start > 0:
+            return start, rows[:start]
+        break
+    return 0, []
 
 
 def run_training(cfg: Config, force: bool = False) -> Path:
-    """Train (or reuse / resume) the configured run; returns its directory."""
+    """Train (or reuse / resume) the configured run; returns its directory.
+
+    The folder is locked for the whole run; a finished one is reused only after its
+    manifest verifies (a damaged one is rebuilt beside it and swapped in)."""
     device = resolve_device(cfg.runtime.device)
     ui.set_enabled(cfg.runtime.progress)
     payload = stage_payload(cfg, "train")
     run = artifacts.RunDir(train_dir(cfg), payload)
     run.check()  # refuses a mismatched config before anything is written
-    if run.done and not force:
-        ui.log(f"reusing finished training run {run.path}")  # reused as is: nothing rewritten
-        return run.path
-    torch.use_deterministic_algorithms(True)
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
+    with run.locked():
+        if run.reusable(force):
+            ui.log(f"reusing finished training run {run.final}")  # reused as is: nothing rewritten
+            return run.final
+        torch.use_deterministic_algorithms(True)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
+        plan = plan_batches(task.n_train, cfg.train)
+        check_training(cfg, task, plan, device)
+        run.prepare(to_dict(cfg), device, force=force)
+        _train(cfg, run, task, plan, device)
+    return run.final
 
-    task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
-    run.prepare(to_dict(cfg), device, force=force)
-    plan = plan_batches(task.n_train, cfg.train)
+
+def check_training(cfg: Config, task: Task, plan, device: str) -> None:
+    """Refuse meaningless combinations of config and data before anything is built."""
+    n = task.n_train
+    if cfg.train.batch_size > n:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training set ({n} points)")
+    if not plan:
+        raise ConfigError(f"the run has no steps (data has {n} training points, train.batch_size="
+                          f"{cfg.train.batch_size}, drop_last={cfg.train.drop_last})")
+    T = len(plan)
+    if cfg.schedule.warmup_steps >= T and cfg.schedule.kind != "constant":
+        raise ConfigError(f"schedule.warmup_steps={cfg.schedule.warmup_steps} is not shorter than the run ({T} steps)")
+    if cfg.train.dtype == "bfloat16" and torch.device(device).type == "cpu":
+        raise ConfigError("train.dtype=bfloat16 is bf16 autocast for CUDA; on the CPU use float32 or float64")
+    y = task.y_train
+    if task.kind == "classify" and len(y) and int(y.max()) >= task.n_classes:
+        raise ConfigError(f"the data has labels up to {int(y.max())} but model.n_classes={task.n_classes}")
+    # disk: every checkpoint holds θ and the optimizer state
+    nbytes = sum(p.numel() * p.element_size() for p in task.model.parameters())
+    n_ckpt = len(checkpoint_schedule(plan, cfg.trajectory))
+    state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}.get(cfg.optim.name, 2)
+    artifacts.ensure_space(train_dir(cfg).parent, n_ckpt * nbytes * (1 + state), f"{n_ckpt} checkpoints")
+
+
+def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) -> None:
     T = len(plan)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, T)
     ckpts = set(checkpoint_schedule(plan, cfg.trajectory))
@@ -121,10 +162,10 @@ def run_training(cfg: Config, force: bool = False) -> Path:
         "data": task.description,
     })
 
-    start, rows = (0, []) if force else _resume_point(run.path, T)
+    start, rows = _resume_point(run.path, T)
     if start > 0:
         params, state = load_checkpoint(run.path, start, device)
-        ui.log(f"resuming {run.path.name} from step {start}/{T}")
+        ui.log(f"resuming {run.final.name} from step {start}/{T}")
     else:
         params = initial_params(task)
         state = init_state(params, cfg.optim)
@@ -163,8 +204,7 @@ def run_training(cfg: Config, force: bool = False) -> Path:
     elapsed = time.perf_counter() - t0
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
                    "resumed_from": start})
-    ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.path}")
-    return run.path
+    ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.final}")
 
 
 def _load_metrics(run_dir: Path, start: int) -> list[dict]:

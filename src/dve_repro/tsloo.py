@@ -25,6 +25,7 @@ ordinary replay engine.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch.func import functional_call, grad, vmap
 
 from dve_repro import artifacts, ui
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
-from dve_repro.errors import DveError
+from dve_repro.errors import ArtifactError, DveError
 from dve_repro.optim import update
 from dve_repro.replay import TrainedRun, replay
 
@@ -220,25 +221,44 @@ def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | No
     tc = cfg.tsloo
     payload = stage_payload(cfg, "tsloo")
     rd = artifacts.RunDir(tsloo_dir(cfg), payload)
-    if rd.done and not force:
-        rd.prepare(to_dict(cfg), run.device)
-        return rd.path
-    rd.prepare(to_dict(cfg), run.device, force=force)
-    points = select_points(run, tc.n_points, tc.selection, tc.seed)
-    jobs = make_jobs(run, points, tc.settings, tc.conventions)
-    artifacts.save_table(rd.file("jobs.parquet"), jobs_frame(jobs))
-    n_val = int(run.task.x_val.shape[0])
-    part = rd.path / f"part-{si}-of-{sn}"
-    part.mkdir(exist_ok=True)
+    rd.check()
+    if force and sn > 1:
+        raise DveError("--force cannot be combined with --shard (the shards share one folder); delete "
+                       f"{rd.final} to recompute the ground truth")
+    # One process per folder; shards lock only their part (they may run at once, on several machines).
+    lock = rd.locked() if sn == 1 else artifacts.FolderLock(rd.final / f"part-{si}-of-{sn}")
+    with lock:
+        if rd.reusable(force):
+            return rd.final
+        points = select_points(run, tc.n_points, tc.selection, tc.seed)
+        jobs = make_jobs(run, points, tc.settings, tc.conventions)
+        n_val = int(run.task.x_val.shape[0])
+        artifacts.ensure_space(rd.final.parent, 2 * len(jobs) * (1 + n_val) * 8, "the ground-truth deltas")
+        rd.prepare(to_dict(cfg), run.device, force=force)
+        _run_jobs(cfg, run, rd, jobs, n_val, si, sn)
+    return rd.final
+
+
+def _open_part(part: Path, n_jobs: int, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's (delta map, done-mask): resumed after both are size-checked, else new."""
     delta_path, done_path = part / "delta.npy", part / "done.npy"
     if delta_path.is_file() and done_path.is_file():
-        delta = np.load(delta_path, mmap_mode="r+")
-        done = np.load(done_path)
-        if delta.shape != (len(jobs), 1 + n_val) or done.shape != (len(jobs),):
+        done = artifacts.load_npy(done_path)
+        if done.shape != (n_jobs,):
             raise DveError(f"{part} holds results of another job list; rerun with --force")
-    else:
-        delta = np.lib.format.open_memmap(delta_path, mode="w+", dtype=np.float64, shape=(len(jobs), 1 + n_val))
-        done = np.zeros(len(jobs), dtype=bool)
+        delta = artifacts.open_npy(delta_path, "r+", (n_jobs, 1 + n_val), np.float64)
+        return delta, done
+    delta = artifacts.create_npy(delta_path, (n_jobs, 1 + n_val), np.float64)
+    return delta, np.zeros(n_jobs, dtype=bool)
+
+
+def _run_jobs(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, jobs: list[Job], n_val: int, si: int, sn: int) -> None:
+    tc = cfg.tsloo
+    artifacts.save_table(rd.file("jobs.parquet"), jobs_frame(jobs))
+    part = rd.path / f"part-{si}-of-{sn}"
+    part.mkdir(exist_ok=True)
+    done_path = part / "done.npy"
+    delta, done = _open_part(part, len(jobs), n_val)
     dtype = torch.float64 if tc.dtype == "float64" else torch.float32
     mine = [c for k, c in enumerate(chunks_of(jobs, tc.chunk_size)) if k % sn == si]
     todo = [c for c in mine if not done[c].all()]
@@ -249,16 +269,15 @@ def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | No
             delta[c] = rows
             delta.flush()
             done[c] = True
-            with artifacts.atomic_path(done_path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, done)
+            artifacts.save_npy(done_path, done)
             bar.update(run.T - jobs[c[0]].start)
     seconds = time.perf_counter() - t0
-    merged = merge_shards(rd.path, len(jobs), n_val)
-    if merged:
-        rd.mark_done({"jobs": len(jobs), "seconds_last_call": seconds, "shards": sn})
-    else:
+    with artifacts.FolderLock(rd.final) if sn > 1 else contextlib.nullcontext():
+        merged = merge_shards(rd.path, len(jobs), n_val) and not rd.done
+        if merged:
+            rd.mark_done({"jobs": len(jobs), "seconds_last_call": seconds, "shards": sn})
+    if not merged and not rd.done:
         ui.log(f"shard {si}/{sn} finished; run the other shards, then rerun to merge")
-    return rd.path
 
 
 def _compute_chunks(run: TrainedRun, jobs: list[Job], todo: list[list[int]], dtype: torch.dtype, workers: int):
@@ -299,15 +318,14 @@ def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:
         pd_, pm = part / "delta.npy", part / "done.npy"
         if not (pd_.is_file() and pm.is_file()):
             continue
-        m = np.load(pm)
+        m = artifacts.load_npy(pm)
         if m.shape != (n_jobs,):
             continue
-        delta[m] = np.load(pd_, mmap_mode="r")[m]
+        delta[m] = artifacts.open_npy(pd_, "r", (n_jobs, 1 + n_val), np.float64)[m]
         done |= m
     if not done.all():
         return False
-    with artifacts.atomic_path(path / "delta.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, delta)
+    artifacts.save_npy(path / "delta.npy", delta)
     return True
 
 
@@ -316,5 +334,7 @@ def load_ground_truth(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     rd = artifacts.RunDir(path, {})
     rd.require_done("ground-truth retraining")
     jobs = artifacts.load_table(path / "jobs.parquet")
-    delta = np.load(path / "delta.npy")
+    delta = artifacts.load_npy(path / "delta.npy")
+    if delta.ndim != 2 or delta.shape[0] != len(jobs):
+        raise ArtifactError(f"{path}: delta.npy has shape {delta.shape} but jobs.parquet lists {len(jobs)} jobs")
     return jobs, delta

@@ -1,10 +1,16 @@
 """Progress bars and one-line summaries (rich), silenced with ``runtime.progress=false``
-or ``DVE_QUIET=1`` (the test suite sets the latter)."""
+or ``DVE_QUIET=1`` (the test suite sets the latter).
+
+On a terminal a bar redraws in place; when stderr is a file or a pipe, a long stage
+prints one plain line every ``$DVE_PROGRESS_EVERY`` seconds (default 30) instead, so a log
+shows that it is alive. Warnings (:func:`warn`) are printed even when quiet."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -38,6 +44,11 @@ def log(msg: str) -> None:
         _console.print(msg, highlight=False)
 
 
+def warn(msg: str) -> None:
+    """A line the user must see (a damaged folder being rebuilt, a cache recomputed)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 class _RateColumn(ProgressColumn):
     """Items per second."""
 
@@ -64,11 +75,41 @@ class _Bar:
         self.progress.update(self.task_id, advance=n, info=info_text)
 
 
+class _LineBar:
+    """Plain progress lines at intervals, for logs (stderr not a terminal)."""
+
+    def __init__(self, description: str, total: int, unit: str, completed: int, every: float):
+        self.description, self.total, self.unit, self.done = description, total, unit, completed
+        self.start_done, self.every = completed, every
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int = 1, **info) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.line(info)
+
+    def line(self, info: dict | None = None) -> None:
+        elapsed = time.monotonic() - self.t0
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {(self.total - self.done) / rate:.0f}s" if rate > 0 and self.done < self.total else ""
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        extra = "".join(f"  {k}={v:.4g}" if isinstance(v, float) else f"  {k}={v}" for k, v in (info or {}).items())
+        print(f"{self.description}: {self.done}/{self.total} {self.unit}{pct}, {rate:.3g} {self.unit}/s, "
+              f"{elapsed:.0f}s elapsed{eta}{extra}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def bar(description: str, total: int, unit: str = "it", completed: int = 0) -> Iterator[_Bar | _NullBar]:
     """A progress bar with rate and ETA; a no-op when output is silenced."""
     if not enabled():
         yield _NullBar()
+        return
+    if not _console.is_terminal:
+        line = _LineBar(description, total, unit, completed, float(os.environ.get("DVE_PROGRESS_EVERY", "30")))
+        yield line
+        line.line()
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),

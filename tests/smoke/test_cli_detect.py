@@ -168,6 +168,7 @@ def test_detect_mislabeled_cifar10_cnn(tmp_path):
         "detect-mislabeled",
         "experiment=cifar10_noise",
         f"data.root={tmp_path / 'cifar'}",
+        "data.trust_pickle=true",
         "data.n_train=60",
         "data.n_val=20",
         "data.n_test=0",

@@ -138,7 +138,7 @@ def test_embed_refuses_bad_inputs(run_dir, emb1, tmp_path):
 
     no_ckpt = copy()
     ckpt_path(no_ckpt, T).unlink()
-    user_error(invoke("embed", str(no_ckpt), "runtime.progress=false"), f"final step {T}")
+    user_error(invoke("embed", str(no_ckpt), "runtime.progress=false"), f"step_{T:07d}.safetensors is missing")
 
     user_error(invoke("embed", str(run_dir), "projection.dim=0"), "projection.dim must be > 0")
 

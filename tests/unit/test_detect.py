@@ -77,7 +77,7 @@ def cifar_root(tmp_path):
 
 
 def cifar_cfg(root, **changes):
-    d = compose(["experiment=cifar10_noise", f"data.root={root}"]).data
+    d = compose(["experiment=cifar10_noise", f"data.root={root}", "data.trust_pickle=true"]).data
     return dataclasses.replace(
         d, **{"n_train": 30, "n_val": 10, "n_test": 5, "label_noise": 0.0, **changes}
     )
@@ -85,12 +85,12 @@ def cifar_cfg(root, **changes):
 
 def test_cifar_reader_reads_the_python_batches(cifar_root):
     root, train, test = cifar_root
-    x, y = _read_cifar_batches(root, train=True)
+    x, y = _read_cifar_batches(root, train=True, trust=True)
     assert x.shape == (40, 3, 32, 32) and x.dtype == np.uint8 and y.dtype == np.int64
     assert np.array_equal(x, np.concatenate([im for im, _ in train]).transpose(0, 3, 1, 2))
     assert np.array_equal(y, np.concatenate([lab for _, lab in train]))
     assert (x[0, 0] == 255).all() and (x[0, 1:] == 0).all(), "channel order must be R, G, B"
-    xt, yt = _read_cifar_batches(root, train=False)
+    xt, yt = _read_cifar_batches(root, train=False, trust=True)
     assert np.array_equal(xt, test[0].transpose(0, 3, 1, 2)) and np.array_equal(yt, test[1])
 
 
@@ -127,15 +127,15 @@ def test_cifar_reader_errors_are_one_line(cifar_root, tmp_path):
         load_image_data(cifar_cfg(root, n_train=35))
     (folder / "data_batch_3").write_bytes((folder / "data_batch_3").read_bytes()[:100])  # truncated
     with pytest.raises(DveError, match="cannot read") as info:
-        _read_cifar_batches(root)
+        _read_cifar_batches(root, trust=True)
     assert "\n" not in str(info.value)
     with open(folder / "data_batch_3", "wb") as fh:
         pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2]}, fh)
     with pytest.raises(DveError, match="4 images but 3 labels"):
-        _read_cifar_batches(root)
+        _read_cifar_batches(root, trust=True)
     (folder / "data_batch_3").unlink()
     with pytest.raises(DveError, match="missing CIFAR-10 file"):
-        _read_cifar_batches(root)
+        _read_cifar_batches(root, trust=True)
 
 
 # --------------------------------------------------------------------------- label noise
@@ -245,6 +245,7 @@ def test_planted_flips_are_ranked_first_by_dvemb(tmp_path):
         [
             "experiment=cifar10_noise",
             f"data.root={tmp_path / 'cifar'}",
+            "data.trust_pickle=true",
             "data.n_train=200",
             "data.n_val=100",
             "data.n_test=0",

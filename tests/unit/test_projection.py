@@ -126,12 +126,37 @@ def test_project_factors_equals_materialised(kind):
     proj = Projector(cfg(kind, seed=5), BLOCKS)
     fac = random_factors(S=3)
     got = proj.project_factors(fac)
-    want = proj.project_blocks(factors_to_grads(fac, BLOCKS))
     assert got.shape == (4, proj.out_dim)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    if kind == "none":
-        flat = torch.cat([torch.einsum("bso,bsi->boi", b, a).flatten(1) for a, b in fac.values()], dim=1)
-        torch.testing.assert_close(got, flat, rtol=0, atol=1e-12)
+    # independent construction: Σ_s b_s a_sᵀ by explicit loops, then the projection matrix
+    flat = torch.cat([explicit_gradient(a, b) for a, b in fac.values()], dim=1)
+    torch.testing.assert_close(got, flat @ projection_matrix(proj).T, rtol=0, atol=1e-12)
+
+
+def explicit_gradient(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample Σ_s b_s a_sᵀ, row-major flattened, by loops over samples and tokens."""
+    rows = []
+    for i in range(a.shape[0]):
+        g = torch.zeros(b.shape[-1], a.shape[-1], dtype=b.dtype)
+        for s in range(a.shape[1]):
+            g += torch.outer(b[i, s], a[i, s])
+        rows.append(g.flatten())
+    return torch.stack(rows)
+
+
+def projection_matrix(proj: Projector) -> torch.Tensor:
+    """The whole projection as one explicit [p̃, p] matrix: identity (none), the dense matrix,
+    or block-diagonal P_out ⊗ P_in (kronecker)."""
+    if proj.cfg.kind == "none":
+        return torch.eye(proj.p, dtype=torch.float64)
+    if proj.cfg.kind == "dense":
+        return proj.dense_columns(0, proj.p, torch.float64, "cpu")
+    mats = []
+    for i, b in enumerate(proj.blocks):
+        p_out, p_in = proj.kron_factors(i, torch.float64, "cpu")
+        p_out = torch.eye(b.shape[0], dtype=torch.float64) if p_out is None else p_out
+        p_in = torch.eye(b.shape[1], dtype=torch.float64) if p_in is None else p_in
+        mats.append(torch.kron(p_out, p_in))
+    return torch.block_diag(*mats)
 
 
 def test_dense_projection_independent_of_chunk_size():
@@ -183,11 +208,11 @@ def test_embedding_factors_project_like_their_one_hot_gradient(kind):
     fac = {"emb": (ids, torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)),
            "l2": (torch.randn(4, 5, 9, generator=gen, dtype=torch.float64),
                   torch.randn(4, 5, 3, generator=gen, dtype=torch.float64))}
+    one_hot = torch.nn.functional.one_hot(ids, 17).double()
+    flat = torch.cat([explicit_gradient(one_hot, fac["emb"][1]), explicit_gradient(*fac["l2"])], dim=1)
     for k_in in (5, 40):  # projected, and k_in ≥ V (identity)
         proj = Projector(cfg(kind, seed=2, k_in=k_in), blocks)
         got = proj.project_factors(fac)
-        want = proj.project_blocks(factors_to_grads(fac, blocks))
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    one_hot = torch.nn.functional.one_hot(ids, 17).double()
+        torch.testing.assert_close(got, flat @ projection_matrix(proj).T, rtol=0, atol=1e-12)
     explicit = torch.einsum("bso,bsi->boi", fac["emb"][1], one_hot).flatten(1)
     torch.testing.assert_close(factors_to_grads(fac, blocks)["emb"], explicit, rtol=0, atol=0)

@@ -1,0 +1,158 @@
+"""``unroll.unrolled_scores`` for every curvature against an explicit product of per-step
+matrices (float64, a 27-parameter classifier trained through the real pipeline).
+
+The reference recomputes θ_t by its own SGD loop, builds each step's matrix
+I − η_t (C_t + λI) densely (exact Hessian by autograd; Gauss-Newton from the logit Jacobian;
+empirical Fisher from one-at-a-time gradients; Monte-Carlo Fisher from gradients at labels
+drawn with the documented seed) and scores step t's points as w_t g_t(z)ᵀ A_{t+1} ⋯ A_{T−1} u
+with w_t = η_t/|B_t| (SPEC §2; the matrices are symmetric, so the transpose reverses the order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle_runs import Flat, classifier_task, sgd_iterates, train
+
+from dve_repro.errors import DveError
+from dve_repro.unroll import query_gradients, unrolled_scores
+
+# The matrix-free path (jvp/vjp) and the dense products round differently; both are float64
+# on O(1) numbers over 9 steps (measured ~1e-15 relative), so 1e-9 relative leaves room for
+# rounding only. A curvature term off by a factor, a sign or a step moves scores by > 1e-3.
+UNROLL_RTOL = 1e-9
+MC_SAMPLES, MC_SEED = 2, 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Plain SGD with weight decay, warm-up + cosine lr (every step's η differs), batches of
+    8, 8, 8, 2 over 26 points, 3 epochs (T = 12), checkpoints every 3 steps."""
+    task = classifier_task()
+    return train(
+        tmp_path_factory.mktemp("unroll"),
+        task,
+        "optim.lr=0.8",
+        "optim.weight_decay=0.03",
+        "schedule=warmup_cosine",
+        "schedule.warmup_steps=3",
+        "train.batch_size=8",
+        "train.epochs=3",
+    )
+
+
+@pytest.fixture(scope="module")
+def thetas(run):
+    return sgd_iterates(run)
+
+
+def query_matrix(flat: Flat, theta, task) -> torch.Tensor:
+    """[p, Q]: the mean validation loss's gradient, then each validation point's."""
+    mean = flat.grad(theta, task.x_val, task.y_val)
+    per = flat.grad(theta, task.x_val, task.y_val, mean=False)
+    return torch.cat([mean[None], per]).T
+
+
+def curvature_matrix(flat: Flat, theta, x, y, kind: str, t: int) -> torch.Tensor | None:
+    n = x.shape[0]
+    if kind == "none":
+        return None
+    if kind == "hessian":
+        return flat.hessian(theta, x, y)
+    if kind == "ef":
+        g = flat.grad(theta, x, y, mean=False)
+        return g.T @ g / n
+    if kind == "gn":
+        J = flat.logit_jacobian(theta, x)  # [B, C, p]
+        with torch.no_grad():
+            p = torch.softmax(flat.task.logits(flat.dict(theta), x), -1)
+        H_out = (
+            torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        )  # softmax-CE Hessian in the logits
+        return torch.einsum("bcp,bcd,bdq->pq", J, H_out, J) / n
+    # mc: labels drawn from the model's prediction, MC_SAMPLES draws from seed mc_seed·1_000_003 + t
+    with torch.no_grad():
+        probs = torch.softmax(flat.task.logits(flat.dict(theta), x).double(), -1)
+    gen = torch.Generator().manual_seed(MC_SEED * 1_000_003 + t)
+    C = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for _ in range(MC_SAMPLES):
+        labels = torch.multinomial(probs, 1, generator=gen).view(-1)
+        g = flat.grad(theta, x, labels, mean=False)
+        C += g.T @ g
+    return C / (n * MC_SAMPLES)
+
+
+def explicit_scores(run, thetas, kind: str) -> np.ndarray:
+    task, traj = run.task, run.traj
+    flat = Flat(task, run.final_params())
+    wd = run.cfg.optim.weight_decay
+    V = query_matrix(flat, thetas[-1], task)
+    p = V.shape[0]
+    offsets = traj.offsets()
+    out = np.zeros((int(offsets[-1]), V.shape[1]))
+    for t in range(run.T - 1, -1, -1):
+        x, y = task.batch(traj.batches[t])
+        lr, n = float(traj.lrs[t]), x.shape[0]
+        G = flat.grad(thetas[t], x, y, mean=False)
+        out[offsets[t] : offsets[t + 1]] = (lr / n * G @ V).numpy()
+        C = curvature_matrix(flat, thetas[t], x, y, kind, t)
+        A = torch.eye(p, dtype=torch.float64) * (1 - lr * wd)
+        if C is not None:
+            A = A - lr * C
+        V = A @ V
+    return out
+
+
+def test_recorded_run_is_the_sgd_the_reference_recomputes(run, thetas):
+    flat = Flat(run.task, run.final_params())
+    assert run.T == 12 and sorted(set(run.traj.sizes().tolist())) == [2, 8]
+    assert len(set(np.round(run.traj.lrs, 12))) > 6, "the lr must change from step to step"
+    for t in run.checkpoints:
+        torch.testing.assert_close(
+            flat.vec(run.load_params(t)[0]), thetas[t], rtol=1e-12, atol=1e-14
+        )
+
+
+def test_query_gradients_equal_autograd(run, thetas):
+    flat = Flat(run.task, run.final_params())
+    q = query_gradients(run, run.final_params(), run.task.x_val, run.task.y_val)
+    got = torch.stack(
+        [flat.vec({k: v[i] for k, v in q.items()}) for i in range(1 + run.task.x_val.shape[0])]
+    ).T
+    torch.testing.assert_close(
+        got, query_matrix(flat, thetas[-1], run.task), rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gn", "ef", "mc", "none"])
+def test_unrolled_scores_equal_explicit_product(run, thetas, curvature):
+    q = query_gradients(run, run.final_params(), run.task.x_val, run.task.y_val)
+    got = unrolled_scores(run, q, curvature, mc_samples=MC_SAMPLES, mc_seed=MC_SEED)
+    want = explicit_scores(run, thetas, curvature)
+    scale = float(np.abs(want).max())
+    assert scale > 0
+    err = float(np.abs(got - want).max())
+    assert err <= UNROLL_RTOL * scale, (
+        f"unrolled-{curvature}: max |Δ| {err:.3e} vs scale {scale:.3e}"
+    )
+    if curvature != "none":  # the curvature term is not negligible here, so the check has teeth
+        assert float(np.abs(want - explicit_scores(run, thetas, "none")).max()) > 1e-3 * scale
+
+
+def test_curvatures_differ_from_each_other(run, thetas):
+    """Hessian, GN, EF and MC are different matrices on this problem (else the tests above
+    could not tell one substitution from another)."""
+    s = {c: explicit_scores(run, thetas, c) for c in ("hessian", "gn", "ef")}
+    scale = float(np.abs(s["hessian"]).max())
+    assert np.abs(s["hessian"] - s["gn"]).max() > 1e-4 * scale
+    assert np.abs(s["gn"] - s["ef"]).max() > 1e-4 * scale
+
+
+def test_unrolling_refuses_momentum(tmp_path):
+    run = train(
+        tmp_path, classifier_task(), "optim.momentum=0.9", "train.epochs=1", "train.batch_size=8"
+    )
+    q = query_gradients(run, run.final_params(), run.task.x_val, run.task.y_val)
+    with pytest.raises(DveError, match="plain-SGD"):
+        unrolled_scores(run, q, "ef")
