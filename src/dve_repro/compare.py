@@ -116,7 +116,8 @@ def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, q) -> np.nd
     b = cfg.baselines
     t0 = time.perf_counter()
     E, sub = embed_adamw.adamw_embedding(run, kind, b.adamw_k_out, b.adamw_k_in, b.adamw_seed,
-                                         b.adamw_curvature, b.adamw_blocks, cfg.embed.mc_seed)
+                                         b.adamw_curvature, b.adamw_blocks, cfg.embed.mc_seed,
+                                         cfg.embed.algorithm, cfg.embed.segments)
     seconds = time.perf_counter() - t0
     scores = embed_adamw.adamw_scores(run, E, sub, q)
     artifacts.write_json(compare_dir(cfg) / f"adamw-{kind}.json", {

@@ -35,7 +35,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from dve_repro import ui
-from dve_repro.embedding_adamw import AdamWStep, OpSum, algorithm1_adamw
+from dve_repro.embedding_adamw import AdamWStep, OpSum, algorithm1_adamw, algorithm2_adamw
 from dve_repro.errors import DveError
 from dve_repro.optim import AdamWLinearization
 from dve_repro.projection import _seed
@@ -189,9 +189,13 @@ def _layer_sizes(sub: Subspace, blocks: str) -> list[int] | None:
 
 
 def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int, curvature: str = "ef",
-                    blocks: str = "layer", mc_seed: int = 0) -> tuple[np.ndarray, Subspace]:
+                    blocks: str = "layer", mc_seed: int = 0, algorithm: int = 1,
+                    segments: int = 4) -> tuple[np.ndarray, Subspace]:
     """Test-independent AdamW embeddings of every occurrence: E [N_occ, p̃] and the subspace
-    that maps a query gradient to the same coordinates (score = ⟨Π u, E⟩)."""
+    that maps a query gradient to the same coordinates (score = ⟨Π u, E⟩). ``algorithm=2``
+    cuts [0, T) into ``segments`` equal segments (Algorithm 2; same numbers)."""
+    if algorithm not in (1, 2):
+        raise DveError(f"embed.algorithm={algorithm}: choose 1 or 2")
     if run.cfg.optim.name != "adamw":
         raise DveError("the AdamW-aware embedding needs a run trained with optim=adamw")
     if curvature not in CURVATURES:
@@ -218,14 +222,19 @@ def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int
         E[offsets[t] : offsets[t + 1]] = rows.cpu().numpy()
         steps[t] = None  # free the step as soon as it is used
 
-    with ui.bar(f"algorithm 1 adamw ({kind})", total=run.T, unit="step") as bar:
-        def backward():
-            for t in range(run.T - 1, -1, -1):
+    sizes = _layer_sizes(sub, blocks)
+    with ui.bar(f"algorithm {algorithm} adamw ({kind})", total=run.T, unit="step") as bar:
+        def backward(a: int, b: int):
+            for t in range(b - 1, a - 1, -1):
                 yield t, steps[t]
                 bar.update(1)
 
-        algorithm1_adamw(backward(), sub.p, _layer_sizes(sub, blocks), emit=emit, dtype=torch.float64,
-                         device=run.device)
+        if algorithm == 1:
+            algorithm1_adamw(backward(0, run.T), sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device)
+        else:
+            cuts = np.unique(np.linspace(0, run.T, max(1, segments) + 1).round().astype(int))
+            segs = [list(backward(int(a), int(b))) for a, b in itertools.pairwise(cuts)]
+            algorithm2_adamw(segs, sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device)
     return E, sub
 
 

@@ -104,24 +104,35 @@ def algorithm1_adamw(
     block_sizes: Sequence[int] | None = None,
     *,
     emit: Callable[[int, torch.Tensor], None],
+    rows: int = 1,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
 ) -> list[torch.Tensor]:
     """Run the backward recursion over ``steps`` given as (t, step) from t = T−1 down to 0.
 
-    ``emit(t, E_t)`` receives each step's embeddings [B, p̃] as they are made. Returns the
-    final A_θ blocks (the propagator from θ_0 to θ_T on the subspace, for diagnostics).
+    ``rows=1`` propagates the θ-row (I, 0, 0): ``emit(t, E_t)`` receives the embeddings
+    [B, p̃] (influence on θ at the end of ``steps``). ``rows=3`` propagates all three rows
+    of the state map (Algorithm 2's segments): E_t is [B, 3·p̃], the perturbation of
+    (θ, m, v) at the end, laid out [B, 3, p̃]. Returns, per block, the product of the
+    steps' Jacobians as a [rows·p_b, 3·p_b] matrix (columns θ, m, v).
     ``block_sizes``: one recursion per block (coordinates contiguous); the clip term couples
     blocks through gᵀδg and is kept within each block (block-diagonal approximation)."""
+    if rows not in (1, 3):
+        raise ValueError("rows must be 1 (θ-row) or 3 (the whole state map)")
     spans = block_spans(p, block_sizes)
-    At = [torch.eye(s.stop - s.start, dtype=dtype, device=device) for s in spans]
-    Am = [torch.zeros_like(a) for a in At]
-    Av = [torch.zeros_like(a) for a in At]
+    At, Am, Av = [], [], []
+    for sp in spans:
+        pb = sp.stop - sp.start
+        eye = torch.eye(pb, dtype=dtype, device=device)
+        zero = torch.zeros(pb, pb, dtype=dtype, device=device)
+        At.append(torch.cat([eye, zero, zero][:rows]))  # rows stacked: θ, m, v
+        Am.append(torch.cat([zero, eye, zero][:rows]))
+        Av.append(torch.cat([zero, zero, eye][:rows]))
     for t, st in steps:
         G = st.G.to(dtype=dtype, device=device)
         F = G if st.F is None else st.F.to(dtype=dtype, device=device)
         g = st.g.to(dtype=dtype, device=device)
-        E = torch.empty_like(G)
+        E = torch.empty(G.shape[0], rows, p, dtype=dtype, device=device)
         for b, sp in enumerate(spans):
             R = (_right(At[b], st.ops["alpha"][b]) + (1 - st.beta1) * Am[b]
                  + _right(Av[b], st.ops["gamma"][b]))
@@ -130,14 +141,50 @@ def algorithm1_adamw(
                 Rc = st.c * R - st.s * torch.outer(R @ gb, gb)
             else:
                 Rc = st.c * R if st.c != 1.0 else R
-            E[:, sp] = -(G[:, sp] @ Rc.T) / st.n
+            E[:, :, sp] = (-(G[:, sp] @ Rc.T) / st.n).reshape(G.shape[0], rows, -1)
             Fb = F[:, sp]
             new_t = st.rho * At[b] + ((Rc @ Fb.T) @ Fb) / st.n
             new_m = _right(At[b], st.ops["mu"][b]) + st.beta1 * Am[b]
             new_v = _right(At[b], st.ops["kappa"][b]) + st.beta2 * Av[b]
             At[b], Am[b], Av[b] = new_t, new_m, new_v
-        emit(t, E)
-    return At
+        emit(t, E.reshape(G.shape[0], rows * p))
+    return [torch.cat([At[b], Am[b], Av[b]], dim=1) for b in range(len(spans))]
+
+
+def algorithm2_adamw(
+    segments: Sequence[Sequence[tuple[int, AdamWStep]]],
+    p: int,
+    block_sizes: Sequence[int] | None = None,
+    *,
+    emit: Callable[[int, torch.Tensor], None],
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Algorithm 2 for AdamW: ``segments[k]`` holds segment k's steps (backward order),
+    segments in time order. Each segment runs :func:`algorithm1_adamw` alone (rows=3: its
+    local embeddings are perturbations of the whole state at the segment's end, its
+    propagator Φ_k the whole state map); they are independent, so they can run anywhere in
+    parallel. The final embedding of a segment-k point is A_k e_local with A_k the θ-row of
+    Φ_{K−1} ⋯ Φ_{k+1} (later on the left), built as a suffix product."""
+    spans = block_spans(p, block_sizes)
+    local = []
+    for seg in segments:
+        store: dict[int, torch.Tensor] = {}
+        phi = algorithm1_adamw(seg, p, block_sizes, emit=store.__setitem__, rows=3, dtype=dtype, device=device)
+        local.append((store, phi))
+    A = []
+    for sp in spans:
+        pb = sp.stop - sp.start
+        A.append(torch.cat([torch.eye(pb, dtype=dtype, device=device),
+                            torch.zeros(pb, 2 * pb, dtype=dtype, device=device)], dim=1))
+    for store, phi in reversed(local):
+        for t, e in store.items():
+            e = e.reshape(e.shape[0], 3, p)
+            out = torch.empty(e.shape[0], p, dtype=dtype, device=device)
+            for b, sp in enumerate(spans):
+                out[:, sp] = e[:, :, sp].reshape(e.shape[0], -1) @ A[b].T
+            emit(t, out)
+        A = [A[b] @ phi[b] for b in range(len(spans))]
 
 
 # ----------------------------------------------------------------------------- oracle

@@ -13,7 +13,7 @@ import torch
 
 from dve_repro.config import compose
 from dve_repro.embed_adamw import Subspace, _sandwich, adamw_embedding, adamw_scores
-from dve_repro.embedding_adamw import AdamWStep, algorithm1_adamw, naive_embeddings
+from dve_repro.embedding_adamw import AdamWStep, algorithm1_adamw, algorithm2_adamw, naive_embeddings
 from dve_repro.replay import TrainedRun
 from dve_repro.train import run_training
 from dve_repro.unroll import adamw_unrolled_scores, query_gradients
@@ -63,6 +63,25 @@ def test_algorithm1_adamw_equals_explicit_jacobian_products(kron, per_block):
     ref = naive_embeddings(steps, 6, sizes if per_block else None)
     for t in range(len(steps)):
         torch.testing.assert_close(got[t], ref[t], rtol=RTOL, atol=1e-14)
+
+
+@pytest.mark.parametrize("cuts", [[3], [1, 4], [1, 2, 3, 4]])
+@pytest.mark.parametrize("per_block", [False, True])
+def test_algorithm2_adamw_equals_algorithm1(cuts, per_block):
+    sizes = (4, 2) if per_block else None
+    steps = _random_steps(T=6, kron=True)
+    if not per_block:
+        for st in steps:
+            st.ops = {k: [[(slice(0, 4), v[0]), (slice(4, 6), v[1])]] for k, v in st.ops.items()}
+    one: dict[int, torch.Tensor] = {}
+    algorithm1_adamw([(t, steps[t]) for t in range(5, -1, -1)], 6, sizes, emit=lambda t, e: one.__setitem__(t, e))
+    bounds = [0, *cuts, 6]
+    segments = [[(t, steps[t]) for t in range(b - 1, a - 1, -1)] for a, b in zip(bounds, bounds[1:], strict=False)]
+    two: dict[int, torch.Tensor] = {}
+    algorithm2_adamw(segments, 6, sizes, emit=lambda t, e: two.__setitem__(t, e))
+    assert sorted(two) == list(range(6))
+    for t in range(6):
+        torch.testing.assert_close(two[t], one[t], rtol=RTOL, atol=1e-14)
 
 
 def test_sgd_limit_is_the_paper_recursion():
@@ -153,3 +172,10 @@ def test_mask_and_factored_preconditioner_track_the_unprojected_embedding(adamw_
         E, sub = adamw_embedding(run, kind, ko, ki, seed=1, curvature="ef", blocks="layer")
         got = adamw_scores(run, E, sub, q)[:, 0]
         assert np.corrcoef(got, ref)[0, 1] > 0.8, kind
+
+
+def test_stage_algorithm2_equals_algorithm1(adamw_run):
+    e1, _ = adamw_embedding(adamw_run, "mask", 3, 50, seed=2, curvature="ef", blocks="layer")
+    e2, _ = adamw_embedding(adamw_run, "mask", 3, 50, seed=2, curvature="ef", blocks="layer", algorithm=2,
+                            segments=3)
+    np.testing.assert_allclose(e2, e1, rtol=1e-9, atol=1e-12 * np.abs(e1).max())
