@@ -146,7 +146,9 @@ class Subspace:
                 "mu": pair(-a * b1 * dr, dc),
                 "kappa": pair(a * b2 * kr, kc),
                 "gamma": gamma,
-                "alpha": OpSum((pair(-a * (1 - b1) * dr, dc), pair(a * kr * 2 * (1 - b2) * gr, kc * gc))),
+                "alpha": OpSum(
+                    (pair(-a * (1 - b1) * dr, dc), pair(a * kr * 2 * (1 - b2) * gr, kc * gc))
+                ),
             }
             sl = slice(pos, pos + size)
             for k, v in ops.items():
@@ -161,7 +163,9 @@ class Subspace:
 def _gaussian_or_eye(k: int, d: int, gen, dtype, device) -> torch.Tensor:
     if k >= d:
         return torch.eye(d, dtype=dtype, device=device)
-    return (torch.randn(k, d, generator=gen, dtype=torch.float64) / math.sqrt(k)).to(dtype=dtype, device=device)
+    return (torch.randn(k, d, generator=gen, dtype=torch.float64) / math.sqrt(k)).to(
+        dtype=dtype, device=device
+    )
 
 
 def _rank_one(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +178,9 @@ def _rank_one(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sandwich(P: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """P diag(d) P⁺ with P⁺ = Pᵀ(PPᵀ)⁻¹: the subspace image of a diagonal operator."""
-    if P.shape[0] == P.shape[1] and torch.equal(P, torch.eye(P.shape[0], dtype=P.dtype, device=P.device)):
+    if P.shape[0] == P.shape[1] and torch.equal(
+        P, torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+    ):
         return torch.diag(d)
     left = (P * d) @ P.T
     return torch.linalg.solve(P @ P.T, left.T).T
@@ -188,9 +194,18 @@ def _layer_sizes(sub: Subspace, blocks: str) -> list[int] | None:
     raise DveError(f"embed.blocks={blocks!r}: choose full or layer")
 
 
-def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int, curvature: str = "ef",
-                    blocks: str = "layer", mc_seed: int = 0, algorithm: int = 1,
-                    segments: int = 4) -> tuple[np.ndarray, Subspace]:
+def adamw_embedding(
+    run: TrainedRun,
+    kind: str,
+    k_out: int,
+    k_in: int,
+    seed: int,
+    curvature: str = "ef",
+    blocks: str = "layer",
+    mc_seed: int = 0,
+    algorithm: int = 1,
+    segments: int = 4,
+) -> tuple[np.ndarray, Subspace]:
     """Test-independent AdamW embeddings of every occurrence: E [N_occ, p̃] and the subspace
     that maps a query gradient to the same coordinates (score = ⟨Π u, E⟩). ``algorithm=2``
     cuts [0, T) into ``segments`` equal segments (Algorithm 2; same numbers)."""
@@ -201,7 +216,9 @@ def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int
     if curvature not in CURVATURES:
         raise DveError(f"AdamW embedding curvature {curvature!r}: choose from {list(CURVATURES)}")
     if curvature == "gn" and run.task.kind == "lm":
-        raise DveError("Gauss-Newton factors are defined for classifiers here; use curvature ef or mc")
+        raise DveError(
+            "Gauss-Newton factors are defined for classifiers here; use curvature ef or mc"
+        )
     task, traj, o = run.task, run.traj, run.cfg.optim
     params0, _ = run.load_params(0)
     sub = Subspace.build(params0, kind, k_out, k_in, seed)
@@ -210,9 +227,21 @@ def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int
     steps: list[AdamWStep | None] = [None] * run.T
     with ui.bar(f"adamw linearisation ({kind})", total=run.T, unit="step") as bar:
         for a, b in itertools.pairwise(run.checkpoints):
+
             def collect(t, theta, state):
-                steps[t] = _step_data(task, traj, o, sub, t, theta, state, curvature, mc_seed, run.device,
-                                      per_layer=blocks == "layer")
+                steps[t] = _step_data(
+                    task,
+                    traj,
+                    o,
+                    sub,
+                    t,
+                    theta,
+                    state,
+                    curvature,
+                    mc_seed,
+                    run.device,
+                    per_layer=blocks == "layer",
+                )
                 bar.update(1)
 
             replay(run, start=a, stop=b, with_state=True, before_step=collect)
@@ -224,13 +253,16 @@ def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int
 
     sizes = _layer_sizes(sub, blocks)
     with ui.bar(f"algorithm {algorithm} adamw ({kind})", total=run.T, unit="step") as bar:
+
         def backward(a: int, b: int):
             for t in range(b - 1, a - 1, -1):
                 yield t, steps[t]
                 bar.update(1)
 
         if algorithm == 1:
-            algorithm1_adamw(backward(0, run.T), sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device)
+            algorithm1_adamw(
+                backward(0, run.T), sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device
+            )
         else:
             cuts = np.unique(np.linspace(0, run.T, max(1, segments) + 1).round().astype(int))
             segs = [list(backward(int(a), int(b))) for a, b in itertools.pairwise(cuts)]
@@ -238,8 +270,19 @@ def adamw_embedding(run: TrainedRun, kind: str, k_out: int, k_in: int, seed: int
     return E, sub
 
 
-def _step_data(task, traj, o, sub: Subspace, t: int, theta: Tensors, state: Tensors, curvature: str,
-               mc_seed: int, device, per_layer: bool) -> AdamWStep:
+def _step_data(
+    task,
+    traj,
+    o,
+    sub: Subspace,
+    t: int,
+    theta: Tensors,
+    state: Tensors,
+    curvature: str,
+    mc_seed: int,
+    device,
+    per_layer: bool,
+) -> AdamWStep:
     from dve_repro.train import step_grads
 
     x, y = task.batch(traj.batches[t])
@@ -250,15 +293,34 @@ def _step_data(task, traj, o, sub: Subspace, t: int, theta: Tensors, state: Tens
     mu = {k: -lin.a * lin.D[k] * lin.b1 for k in lin.D}
     kappa = {k: lin.a * lin.K[k] * lin.b2 for k in lin.K}
     G = sub.project(_per_sample_grads(task, theta, x, y))
-    F = None if curvature == "ef" else sub.project(_factor_grads(task, theta, x, y, curvature, mc_seed * 1_000_003 + t))
+    F = (
+        None
+        if curvature == "ef"
+        else sub.project(_factor_grads(task, theta, x, y, curvature, mc_seed * 1_000_003 + t))
+    )
     if sub.kind == "mask":
-        named = {k: sub.operator(v) for k, v in (("alpha", alpha), ("gamma", gamma), ("mu", mu), ("kappa", kappa))}
+        named = {
+            k: sub.operator(v)
+            for k, v in (("alpha", alpha), ("gamma", gamma), ("mu", mu), ("kappa", kappa))
+        }
     else:
         named = sub.kron_operators(lin)
     # one block per parameter, or one block holding every piece
-    ops = {k: [piece for _, piece in pieces] if per_layer else [pieces] for k, pieces in named.items()}
-    return AdamWStep(G=G, n=n, g=sub.project({k: v.unsqueeze(0) for k, v in g.items()})[0], ops=ops,
-                     rho=lin.decay, beta1=lin.b1, beta2=lin.b2, c=lin.c, s=lin.s, F=F)
+    ops = {
+        k: [piece for _, piece in pieces] if per_layer else [pieces] for k, pieces in named.items()
+    }
+    return AdamWStep(
+        G=G,
+        n=n,
+        g=sub.project({k: v.unsqueeze(0) for k, v in g.items()})[0],
+        ops=ops,
+        rho=lin.decay,
+        beta1=lin.b1,
+        beta2=lin.b2,
+        c=lin.c,
+        s=lin.s,
+        F=F,
+    )
 
 
 def _per_sample_grads(task, theta: Tensors, x, y) -> Tensors:

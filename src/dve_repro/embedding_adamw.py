@@ -134,8 +134,11 @@ def algorithm1_adamw(
         g = st.g.to(dtype=dtype, device=device)
         E = torch.empty(G.shape[0], rows, p, dtype=dtype, device=device)
         for b, sp in enumerate(spans):
-            R = (_right(At[b], st.ops["alpha"][b]) + (1 - st.beta1) * Am[b]
-                 + _right(Av[b], st.ops["gamma"][b]))
+            R = (
+                _right(At[b], st.ops["alpha"][b])
+                + (1 - st.beta1) * Am[b]
+                + _right(Av[b], st.ops["gamma"][b])
+            )
             if st.s != 0.0:
                 gb = g[sp]
                 Rc = st.c * R - st.s * torch.outer(R @ gb, gb)
@@ -170,13 +173,22 @@ def algorithm2_adamw(
     local = []
     for seg in segments:
         store: dict[int, torch.Tensor] = {}
-        phi = algorithm1_adamw(seg, p, block_sizes, emit=store.__setitem__, rows=3, dtype=dtype, device=device)
+        phi = algorithm1_adamw(
+            seg, p, block_sizes, emit=store.__setitem__, rows=3, dtype=dtype, device=device
+        )
         local.append((store, phi))
     A = []
     for sp in spans:
         pb = sp.stop - sp.start
-        A.append(torch.cat([torch.eye(pb, dtype=dtype, device=device),
-                            torch.zeros(pb, 2 * pb, dtype=dtype, device=device)], dim=1))
+        A.append(
+            torch.cat(
+                [
+                    torch.eye(pb, dtype=dtype, device=device),
+                    torch.zeros(pb, 2 * pb, dtype=dtype, device=device),
+                ],
+                dim=1,
+            )
+        )
     for store, phi in reversed(local):
         for t, e in store.items():
             e = e.reshape(e.shape[0], 3, p)
@@ -198,7 +210,9 @@ def _dense_op(op: Op) -> torch.Tensor:
     return torch.kron(op[0], op[1])
 
 
-def naive_embeddings(steps: Sequence[AdamWStep], p: int, block_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
+def naive_embeddings(
+    steps: Sequence[AdamWStep], p: int, block_sizes: Sequence[int] | None = None
+) -> list[torch.Tensor]:
     """Reference: explicit 3p̃×3p̃ Jacobians J_t and the push b_t(z), multiplied out:
     E_t(z) = [I 0 0] J_{T−1} ⋯ J_{t+1} b_t(z). ``steps[t]`` is step t. float64, small p̃ only."""
     spans = block_spans(p, block_sizes)
@@ -223,7 +237,7 @@ def naive_embeddings(steps: Sequence[AdamWStep], p: int, block_sizes: Sequence[i
             out[sp, sp] = X[sp, sp]
         return out
 
-    I, Z = torch.eye(p, dtype=torch.float64), torch.zeros(p, p, dtype=torch.float64)
+    eye, Z = torch.eye(p, dtype=torch.float64), torch.zeros(p, p, dtype=torch.float64)
     jac, push = [], []
     for st in steps:
         F = (st.G if st.F is None else st.F).double()
@@ -233,16 +247,19 @@ def naive_embeddings(steps: Sequence[AdamWStep], p: int, block_sizes: Sequence[i
         alpha, gamma, mu, kappa = (full(k, st) for k in ("alpha", "gamma", "mu", "kappa"))
         beta1, beta2 = st.beta1, st.beta2
         # rows: θ', m', v'; columns: θ, m, v  (dense 3p̃ × 3p̃)
-        J = torch.cat([
-            torch.cat([st.rho * I + alpha @ dgt_theta, mu, kappa], 1),
-            torch.cat([(1 - beta1) * dgt_theta, beta1 * I, Z], 1),
-            torch.cat([gamma @ dgt_theta, Z, beta2 * I], 1),
-        ], 0)
+        J = torch.cat(
+            [
+                torch.cat([st.rho * eye + alpha @ dgt_theta, mu, kappa], 1),
+                torch.cat([(1 - beta1) * dgt_theta, beta1 * eye, Z], 1),
+                torch.cat([gamma @ dgt_theta, Z, beta2 * eye], 1),
+            ],
+            0,
+        )
         jac.append(J)
         B = torch.cat([alpha @ Cl, (1 - beta1) * Cl, gamma @ Cl], 0)  # δ(θ', m', v') per unit δg
         push.append(B @ (-(st.G.double().T) / st.n))  # [3p̃, B]
     out: list[torch.Tensor] = [torch.empty(0)] * T
-    S = torch.cat([I, Z, Z], 1)  # θ-row of the product of later steps
+    S = torch.cat([eye, Z, Z], 1)  # θ-row of the product of later steps
     for t in range(T - 1, -1, -1):
         out[t] = (S @ push[t]).T
         S = S @ jac[t]

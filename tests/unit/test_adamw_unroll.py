@@ -44,9 +44,19 @@ def _random_step(clip: float, seed: int = 0):
     r = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
     params = {k: v.clone() for k, v in r.items()}
     grads = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in r.items()}
-    state = {f"m.{k}": 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in r.items()}
-    state.update({f"v.{k}": 0.01 + torch.rand(v.shape, generator=gen, dtype=torch.float64) for k, v in r.items()})
-    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=clip)
+    state = {
+        f"m.{k}": 0.1 * torch.randn(v.shape, generator=gen, dtype=torch.float64)
+        for k, v in r.items()
+    }
+    state.update(
+        {
+            f"v.{k}": 0.01 + torch.rand(v.shape, generator=gen, dtype=torch.float64)
+            for k, v in r.items()
+        }
+    )
+    cfg = OptimConfig(
+        name="adamw", lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=clip
+    )
     return params, grads, state, cfg, gen
 
 
@@ -80,7 +90,9 @@ def test_adjoint_is_the_transpose_of_the_tangent(clip):
     lin = AdamWLinearization(params, state, grads, cfg.lr, 0, cfg)
 
     def rnd():
-        return {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+        return {
+            k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()
+        }
 
     d, dm, dv, dg = rnd(), rnd(), rnd(), rnd()
     lt, lm, lv = rnd(), rnd(), rnd()
@@ -98,13 +110,22 @@ def test_adjoint_is_the_transpose_of_the_tangent(clip):
 def test_adjoint_is_batched_over_queries():
     params, grads, state, cfg, gen = _random_step(1.0, seed=2)
     lin = AdamWLinearization(params, state, grads, cfg.lr, 5, cfg)
-    lt = {k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()}
-    lm = {k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()}
-    lv = {k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()}
+    lt = {
+        k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()
+    }
+    lm = {
+        k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()
+    }
+    lv = {
+        k: torch.randn((4, *v.shape), generator=gen, dtype=torch.float64) for k, v in params.items()
+    }
     batched = lin.adjoint(lt, lm, lv)
     for q in range(4):
-        one = lin.adjoint({k: v[q] for k, v in lt.items()}, {k: v[q] for k, v in lm.items()},
-                          {k: v[q] for k, v in lv.items()})
+        one = lin.adjoint(
+            {k: v[q] for k, v in lt.items()},
+            {k: v[q] for k, v in lm.items()},
+            {k: v[q] for k, v in lv.items()},
+        )
         for part_b, part_1 in zip(batched, one, strict=True):
             for k in params:
                 torch.testing.assert_close(part_b[k][q], part_1[k], rtol=1e-13, atol=1e-15)
@@ -114,11 +135,19 @@ def test_adjoint_is_batched_over_queries():
 def adamw_run(tmp_path_factory) -> TrainedRun:
     """Tiny MLP, AdamW (bias correction, wd 0.1), clipping at 0.85 (active on some steps)."""
     torch.set_num_threads(1)
-    cfg = compose([
-        "experiment=tiny_mlp", f"runtime.out_root={tmp_path_factory.mktemp('adamw')}", "runtime.progress=false",
-        "optim=adamw", "optim.lr=0.003", "optim.grad_clip=0.85", "schedule=constant", "trajectory.checkpoint_every=5",
-        "model.hidden=[6]",
-    ])
+    cfg = compose(
+        [
+            "experiment=tiny_mlp",
+            f"runtime.out_root={tmp_path_factory.mktemp('adamw')}",
+            "runtime.progress=false",
+            "optim=adamw",
+            "optim.lr=0.003",
+            "optim.grad_clip=0.85",
+            "schedule=constant",
+            "trajectory.checkpoint_every=5",
+            "model.hidden=[6]",
+        ]
+    )
     return TrainedRun.load(run_training(cfg))
 
 
@@ -144,7 +173,9 @@ def test_clipping_is_active_on_some_steps_only(adamw_run):
         w = run.traj.weights(t, dtype=run.task.weight_dtype)
         _, g = step_grads(run.task, params, x, y, w)
         norms.append(float(global_norm(g)))
-        params, state, _ = train_step(run.task, params, state, t, x, y, w, float(run.traj.lrs[t]), run.cfg)
+        params, state, _ = train_step(
+            run.task, params, state, t, x, y, w, float(run.traj.lrs[t]), run.cfg
+        )
     clipped = sum(n > 0.85 for n in norms)
     assert 0 < clipped < run.T, f"gradient norms {norms}: the oracle below must see both regimes"
 
@@ -163,7 +194,9 @@ def test_adamw_unrolled_hessian_equals_finite_differences(adamw_run):
         t = int(occ["step"][r])
         pos = int(r - offsets[t])
         # TSLOO sign: loss without (weight → 0) minus loss with; d/d(removed fraction) at 0
-        fd = (_final_val_loss(run, t, pos, 1 - FD_EPS) - _final_val_loss(run, t, pos, 1 + FD_EPS)) / (2 * FD_EPS)
+        fd = (
+            _final_val_loss(run, t, pos, 1 - FD_EPS) - _final_val_loss(run, t, pos, 1 + FD_EPS)
+        ) / (2 * FD_EPS)
         assert abs(scores[r] - fd) <= FD_RTOL * max(abs(fd), 1e-8), (t, pos, scores[r], fd)
 
 
