@@ -91,8 +91,7 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     b = cfg.baselines
     if run.cfg.optim.name == "adamw":
         for kind in b.adamw_subspaces:
-            occ_scores[f"dvemb-adamw-{kind}"] = _cached(
-                cache / f"dvemb-adamw-{kind}.npy", lambda kind=kind: _adamw_embedding_scores(cfg, run, kind, q))
+            occ_scores[f"dvemb-adamw-{kind}"] = _adamw_embedding_scores(cfg, run, kind, k)
     if not per_point:
         return occ_scores, idx_scores
     def influence() -> np.ndarray:
@@ -106,24 +105,20 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
     return occ_scores, idx_scores
 
 
-def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, q) -> np.ndarray:
-    """Scores [N_occ, Q] of the stored AdamW-aware embedding (embed_adamw.py); its cost and
-    size go to the cache folder (adamw-<kind>.json)."""
-    import time
+def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, k: int) -> np.ndarray:
+    """Scores [N_occ, 1 + k] of the stored AdamW-aware embedding with subspace ``kind`` (the
+    embed stage with ``embed.optimizer_aware=true``, reused when finished)."""
+    import dataclasses
 
-    from dve_repro import embed_adamw
+    from dve_repro.embed import run_embedding
 
     b = cfg.baselines
-    t0 = time.perf_counter()
-    E, sub = embed_adamw.adamw_embedding(run, kind, b.adamw_k_out, b.adamw_k_in, b.adamw_seed,
-                                         b.adamw_curvature, b.adamw_blocks, cfg.embed.mc_seed,
-                                         cfg.embed.algorithm, cfg.embed.segments)
-    seconds = time.perf_counter() - t0
-    scores = embed_adamw.adamw_scores(run, E, sub, q)
-    artifacts.write_json(compare_dir(cfg) / f"adamw-{kind}.json", {
-        **sub.describe(), "curvature": b.adamw_curvature, "blocks": b.adamw_blocks, "seconds": seconds,
-        "embedding_bytes": int(E.nbytes)})
-    return scores
+    embed = dataclasses.replace(cfg.embed, optimizer_aware=True, adamw_subspace=kind,
+                                curvature=b.adamw_curvature, blocks=b.adamw_blocks)
+    path = run_embedding(dataclasses.replace(cfg, embed=embed), run)
+    mean = artifacts.load_table(path / "scores.parquet")["score"].to_numpy()
+    pts = artifacts.open_npy(path / "scores_points.npy", "r")[:, :k]
+    return np.concatenate([mean[:, None], pts], axis=1)
 
 
 def dvemb_name(run: TrainedRun) -> str:

@@ -178,6 +178,13 @@ class EmbedConfig:
     storage_dtype: str = "float64"  # dtype of stored gradients and embeddings
     chunk_steps: int = 64  # steps of gradients read at a time; speed-only
     max_matrix_gb: float = 8.0  # refuse p̃×p̃ matrices larger than this (speed/memory only)
+    # AdamW-aware embedding (embed_adamw.py): Algorithm 1/2 through the linearised AdamW map,
+    # in a subspace of k_out × k_in coordinates per parameter matrix: mask (coordinate
+    # subset) | kron (Gaussian Kronecker projection, factored preconditioner).
+    optimizer_aware: bool = False
+    adamw_subspace: str = "mask"
+    adamw_k_out: int = 32
+    adamw_k_in: int = 128
 
 
 @dataclass
@@ -201,15 +208,12 @@ class BaselinesConfig:
     bootstrap_seed: int = 0
     val_points: int = 100  # validation points used as per-point targets (the first ones)
     curvatures: list[str] = field(default_factory=lambda: ["hessian", "gn", "ef", "mc", "none"])
-    # AdamW runs: test-independent AdamW-aware embeddings compared as dvemb-adamw-<subspace>
-    # (embed_adamw.py): subspaces mask | kron, k_out × k_in per parameter matrix, curvature
-    # ef | gn | mc, blocks layer (one recursion per parameter tensor) | full.
+    # AdamW runs: the stored AdamW-aware embeddings compared as dvemb-adamw-<subspace>
+    # (embed.optimizer_aware=true with that subspace, this curvature ef | gn | mc and blocks
+    # layer (one recursion per parameter tensor) | full; sizes from embed.adamw_k_out/k_in).
     adamw_subspaces: list[str] = field(default_factory=lambda: ["mask", "kron"])
-    adamw_k_out: int = 32
-    adamw_k_in: int = 128
     adamw_curvature: str = "ef"
     adamw_blocks: str = "layer"
-    adamw_seed: int = 0
 
 
 @dataclass

@@ -63,6 +63,9 @@ def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, Trained
 
 
 def estimator_label(cfg: Config) -> str:
+    if cfg.embed.optimizer_aware:
+        return (f"AdamW-aware: the linearised AdamW map ({cfg.embed.curvature} curvature, "
+                f"{cfg.embed.adamw_subspace} subspace)")
     if is_plain_sgd(cfg.optim):
         return f"first-order SGD estimate ({cfg.embed.curvature} curvature)"
     what = [cfg.optim.name] + (["momentum"] if cfg.optim.momentum else []) + (["clipping"] if cfg.optim.grad_clip else [])
@@ -70,6 +73,10 @@ def estimator_label(cfg: Config) -> str:
 
 
 def make_featurizer(cfg: Config, run: TrainedRun) -> Featurizer:
+    if cfg.embed.optimizer_aware:  # query gradients mapped into the AdamW embedding's subspace
+        from dve_repro.embed_adamw import SubspaceFeaturizer
+
+        return SubspaceFeaturizer.for_config(cfg, run)  # type: ignore[return-value]
     blocks = capture_blocks(run.task)
     return Featurizer(run.task, blocks, Projector(cfg.projection, blocks), cfg.embed.engine)
 
@@ -177,6 +184,13 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
         if rd.reusable(force):
             ui.log(f"reusing finished embedding {rd.final}")
             return rd.final
+        if cfg.embed.optimizer_aware:
+            from dve_repro import embed_adamw
+
+            embed_adamw.check_fits(cfg, run)
+            rd.prepare(to_dict(cfg), run.device, force=force)
+            embed_adamw.embed_stage(cfg, run, rd, bounds)
+            return rd.final
         feat = make_featurizer(cfg, run)
         blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
         embedding.check_matrix_fits(feat.projector.out_dim, blocks, torch.float64, cfg.embed.max_matrix_gb,
@@ -199,7 +213,6 @@ def _check_space(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -
 
 def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer, blocks, bounds) -> None:
     p_dim = feat.projector.out_dim
-    sdtype = torch.float64 if cfg.embed.storage_dtype == "float64" else torch.float32
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     store = gradients(cfg, run, feat, grads_dir(cfg, feat))
@@ -207,7 +220,6 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     offsets = run.traj.offsets()
     w = run.traj.lrs / run.traj.sizes()
     E = artifacts.create_npy(rd.file("E.npy.partial"), store.G.shape, cfg.embed.storage_dtype)
-    occ = run.traj.occurrences()
     final = run.final_params()
     t0 = time.perf_counter()
     dynamics = None
@@ -228,6 +240,27 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
         dynamics = res.dynamics
     E.flush()
     timings["algorithm_s"] = time.perf_counter() - t0
+    del E
+    meta = {
+        "projection": feat.projector.describe(),
+        "curvature": cfg.embed.curvature,
+        "layers": [b.name for b in feat.blocks],
+        "left_out": run.task.extra.get("left_out", "nothing (all parameters)"),
+        "p_tilde": p_dim,
+        "gradient_bytes": store.nbytes(),
+    }
+    finish_embedding(cfg, run, rd, feat, dynamics, bounds, timings, meta)
+
+
+def finish_embedding(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat, dynamics, bounds,
+                     timings: dict, meta: dict) -> None:
+    """Score the finished ``E.npy.partial`` at θ_T, write every output and DONE (shared by
+    the SGD recursion and the AdamW-aware one, ``embed_adamw.py``). ``feat.features(θ, x, y)``
+    maps query gradients to E's coordinates."""
+    sdtype = torch.float64 if cfg.embed.storage_dtype == "float64" else torch.float32
+    occ = run.traj.occurrences()
+    final = run.final_params()
+    E = artifacts.open_npy(rd.file("E.npy.partial"), "r")
     # Scoring at θ_T: the mean validation loss's gradient is the mean of the per-point ones.
     t0 = time.perf_counter()
     Q = query_features(feat, final, run.task.x_val, run.task.y_val).to(sdtype)  # [N_val, p̃]
@@ -235,7 +268,7 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     scores_mean = np.empty(len(occ))
     scores_pts = artifacts.create_npy(rd.file("scores_points.npy.partial"), (len(occ), Q.shape[0]), np.float64)
     for a in range(0, len(occ), 8192):
-        rows = torch.from_numpy(np.asarray(E[a : a + 8192])).to(sdtype)
+        rows = torch.from_numpy(np.array(E[a : a + 8192])).to(sdtype)
         scores_mean[a : a + 8192] = (rows @ q_mean).double().numpy()
         scores_pts[a : a + 8192] = (rows @ Q.T).double().numpy()
     scores_pts.flush()
@@ -256,21 +289,17 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     meta = {
         "train_run": str(run.path),
         "train_fingerprint": fingerprint(stage_payload(cfg, "train")),
-        "projection": feat.projector.describe(),
-        "curvature": cfg.embed.curvature,
         "algorithm": cfg.embed.algorithm,
         "blocks": cfg.embed.blocks,
         "estimator": estimator_label(cfg),
-        "layers": [b.name for b in feat.blocks],
-        "left_out": run.task.extra.get("left_out", "nothing (all parameters)"),
-        "p_tilde": p_dim,
+        "optimizer_aware": cfg.embed.optimizer_aware,
         "n_occurrences": len(occ),
-        "gradient_bytes": store.nbytes(),
         "timings": timings,
+        **meta,
     }
     artifacts.write_json(rd.file("embedding.json"), meta)
     rd.mark_done({"timings": timings})
-    ui.log(f"embedded {len(occ)} occurrences (p̃={p_dim}, {meta['estimator']}) -> {rd.final}")
+    ui.log(f"embedded {len(occ)} occurrences (p̃={meta['p_tilde']}, {meta['estimator']}) -> {rd.final}")
 
 
 def load_embedding(path: Path) -> tuple[dict, Config]:

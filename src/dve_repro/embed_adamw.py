@@ -211,21 +211,49 @@ def adamw_embedding(
     cuts [0, T) into ``segments`` equal segments (Algorithm 2; same numbers)."""
     if algorithm not in (1, 2):
         raise DveError(f"embed.algorithm={algorithm}: choose 1 or 2")
+    check_run(run, curvature)
+    sub = Subspace.build(run.load_params(0)[0], kind, k_out, k_in, seed)
+    bounds = None
+    if algorithm == 2:
+        bounds = [
+            int(c)
+            for c in np.unique(np.linspace(0, run.T, max(1, segments) + 1).round().astype(int))
+        ]
+    E, _ = embed_in_subspace(run, sub, curvature, blocks, mc_seed, bounds)
+    return E, sub
+
+
+def check_run(run: TrainedRun, curvature: str) -> None:
     if run.cfg.optim.name != "adamw":
-        raise DveError("the AdamW-aware embedding needs a run trained with optim=adamw")
+        raise DveError(
+            "the AdamW-aware embedding needs a run trained with optim=adamw "
+            f"(this one used {run.cfg.optim.name}); drop embed.optimizer_aware"
+        )
     if curvature not in CURVATURES:
         raise DveError(f"AdamW embedding curvature {curvature!r}: choose from {list(CURVATURES)}")
     if curvature == "gn" and run.task.kind == "lm":
         raise DveError(
             "Gauss-Newton factors are defined for classifiers here; use curvature ef or mc"
         )
+
+
+def embed_in_subspace(
+    run: TrainedRun,
+    sub: Subspace,
+    curvature: str,
+    blocks: str,
+    mc_seed: int = 0,
+    bounds: list[int] | None = None,
+    queries: list[torch.Tensor] | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """E [N_occ, p̃] (into ``out`` when given) and, for Algorithm 2 (``bounds`` = segment cuts)
+    with ``queries`` (u_j [p̃] at each cut b_1..b_K), the dynamics [N_occ, K]."""
     task, traj, o = run.task, run.traj, run.cfg.optim
-    params0, _ = run.load_params(0)
-    sub = Subspace.build(params0, kind, k_out, k_in, seed)
-    _layer_sizes(sub, blocks)  # refuse a bad choice before the replay
+    sizes = _layer_sizes(sub, blocks)  # refuse a bad choice before the replay
     offsets = traj.offsets()
     steps: list[AdamWStep | None] = [None] * run.T
-    with ui.bar(f"adamw linearisation ({kind})", total=run.T, unit="step") as bar:
+    with ui.bar(f"adamw linearisation ({sub.kind})", total=run.T, unit="step") as bar:
         for a, b in itertools.pairwise(run.checkpoints):
 
             def collect(t, theta, state):
@@ -245,29 +273,145 @@ def adamw_embedding(
                 bar.update(1)
 
             replay(run, start=a, stop=b, with_state=True, before_step=collect)
-    E = np.zeros((int(offsets[-1]), sub.p))
+    E = np.zeros((int(offsets[-1]), sub.p)) if out is None else out
+    dynamics = None
+    if bounds is not None and queries is not None:
+        dynamics = np.full((int(offsets[-1]), len(bounds) - 1), np.nan)
 
     def emit(t: int, rows: torch.Tensor) -> None:
         E[offsets[t] : offsets[t + 1]] = rows.cpu().numpy()
-        steps[t] = None  # free the step as soon as it is used
 
-    sizes = _layer_sizes(sub, blocks)
-    with ui.bar(f"algorithm {algorithm} adamw ({kind})", total=run.T, unit="step") as bar:
+    def emit_dynamics(t: int, rows: torch.Tensor) -> None:
+        dynamics[offsets[t] : offsets[t + 1]] = rows.cpu().numpy()
+
+    algo = 1 if bounds is None else 2
+    with ui.bar(f"algorithm {algo} adamw ({sub.kind})", total=run.T, unit="step") as bar:
 
         def backward(a: int, b: int):
             for t in range(b - 1, a - 1, -1):
                 yield t, steps[t]
+                steps[t] = None  # free the step as soon as it is used
                 bar.update(1)
 
-        if algorithm == 1:
+        if bounds is None:
             algorithm1_adamw(
                 backward(0, run.T), sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device
             )
         else:
-            cuts = np.unique(np.linspace(0, run.T, max(1, segments) + 1).round().astype(int))
-            segs = [list(backward(int(a), int(b))) for a, b in itertools.pairwise(cuts)]
-            algorithm2_adamw(segs, sub.p, sizes, emit=emit, dtype=torch.float64, device=run.device)
-    return E, sub
+            segs = [list(backward(int(a), int(b))) for a, b in itertools.pairwise(bounds)]
+            algorithm2_adamw(
+                segs,
+                sub.p,
+                sizes,
+                emit=emit,
+                queries=queries,
+                emit_dynamics=emit_dynamics if dynamics is not None else None,
+                dtype=torch.float64,
+                device=run.device,
+            )
+    return E, dynamics
+
+
+class SubspaceFeaturizer:
+    """Query gradients mapped into an AdamW embedding's subspace: ``features(θ, x, y)`` [N, p̃]
+    (the interface of :class:`dve_repro.capture.Featurizer` that scoring uses)."""
+
+    def __init__(self, task, sub: Subspace, seed: int, k_out: int, k_in: int):
+        self.task, self.sub, self.seed, self.k = task, sub, seed, (k_out, k_in)
+        self.projector = self  # scoring asks feat.projector.describe() / out_dim
+        self.out_dim = sub.p
+
+    @classmethod
+    def for_config(cls, cfg, run: TrainedRun) -> SubspaceFeaturizer:
+        e = cfg.embed
+        sub = Subspace.build(
+            run.load_params(0)[0],
+            e.adamw_subspace,
+            e.adamw_k_out,
+            e.adamw_k_in,
+            cfg.projection.seed,
+        )
+        return cls(run.task, sub, cfg.projection.seed, e.adamw_k_out, e.adamw_k_in)
+
+    def describe(self) -> dict:
+        return {
+            **self.sub.describe(),
+            "seed": self.seed,
+            "k_out": self.k[0],
+            "k_in": self.k[1],
+            "subspace": "adamw",
+        }
+
+    def features(self, params: Tensors, x, y) -> torch.Tensor:
+        return self.sub.project(_per_sample_grads(self.task, params, x, y))
+
+
+def check_fits(cfg, run: TrainedRun) -> None:
+    """Refuse before any work when the recursion's matrices (3 per block, 3 rows more for
+    Algorithm 2) or E would not fit the configured budget / the disk."""
+    from dve_repro import artifacts
+
+    check_run(run, cfg.embed.curvature)
+    feat = SubspaceFeaturizer.for_config(cfg, run)
+    sizes = _layer_sizes(feat.sub, cfg.embed.blocks) or [feat.sub.p]
+    copies = 3 if cfg.embed.algorithm == 1 else 3 * 3 * max(1, cfg.embed.segments)
+    gb = copies * sum(n * n for n in sizes) * 8 / 1e9
+    if gb > cfg.embed.max_matrix_gb:
+        raise DveError(
+            f"the AdamW recursion needs {gb:.1f} GB of matrices (p̃={feat.sub.p}, "
+            f"{len(sizes)} blocks); use embed.blocks=layer or smaller embed.adamw_k_out/k_in "
+            f"(limit embed.max_matrix_gb={cfg.embed.max_matrix_gb:g})"
+        )
+    n_rows = int(run.traj.offsets()[-1])
+    artifacts.ensure_space(
+        run.path.parent, n_rows * feat.sub.p * 8 * 2, "the AdamW embedding (E and scores)"
+    )
+
+
+def embed_stage(cfg, run: TrainedRun, rd, bounds: list[int] | None) -> None:
+    """The embed stage with ``embed.optimizer_aware=true``: E (Algorithm 1 or 2 through the
+    linearised AdamW map), then the same outputs as the SGD recursion (embed.py)."""
+    import time
+
+    from dve_repro import artifacts
+    from dve_repro.embed import finish_embedding
+
+    feat = SubspaceFeaturizer.for_config(cfg, run)
+    timings: dict[str, float] = {}
+    queries = None
+    if bounds is not None:  # the mean validation loss at each segment end (data value dynamics)
+        final = run.final_params()
+        queries = []
+        for b in bounds[1:]:
+            params = final if b == run.T else run.load_params(b)[0]
+            queries.append(feat.features(params, run.task.x_val, run.task.y_val).mean(0))
+    n_rows = int(run.traj.offsets()[-1])
+    E = artifacts.create_npy(
+        rd.file("E.npy.partial"), (n_rows, feat.sub.p), cfg.embed.storage_dtype
+    )
+    t0 = time.perf_counter()
+    _, dynamics = embed_in_subspace(
+        run,
+        feat.sub,
+        cfg.embed.curvature,
+        cfg.embed.blocks,
+        cfg.embed.mc_seed,
+        bounds,
+        queries,
+        out=E,
+    )
+    E.flush()
+    del E
+    timings["algorithm_s"] = time.perf_counter() - t0
+    meta = {
+        "projection": feat.describe(),
+        "curvature": cfg.embed.curvature,
+        "layers": feat.sub.names,
+        "left_out": "nothing (all parameters)",
+        "p_tilde": feat.sub.p,
+        "gradient_bytes": 0,
+    }
+    finish_embedding(cfg, run, rd, feat, dynamics, bounds, timings, meta)
 
 
 def _step_data(

@@ -160,6 +160,8 @@ def algorithm2_adamw(
     block_sizes: Sequence[int] | None = None,
     *,
     emit: Callable[[int, torch.Tensor], None],
+    queries: Sequence[torch.Tensor] | None = None,
+    emit_dynamics: Callable[[int, torch.Tensor], None] | None = None,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
 ) -> None:
@@ -168,8 +170,15 @@ def algorithm2_adamw(
     local embeddings are perturbations of the whole state at the segment's end, its
     propagator Φ_k the whole state map); they are independent, so they can run anywhere in
     parallel. The final embedding of a segment-k point is A_k e_local with A_k the θ-row of
-    Φ_{K−1} ⋯ Φ_{k+1} (later on the left), built as a suffix product."""
+    Φ_{K−1} ⋯ Φ_{k+1} (later on the left), built as a suffix product.
+
+    Data value dynamics: with ``queries[j−1]`` = u_j [p̃] (the query gradient at the end of
+    segment j−1, i.e. checkpoint b_j), ``emit_dynamics(t, D_t)`` gets D_t [B, K] with
+    D_t[:, j−1] = u_jᵀ θ-row(Φ_{j−1} ⋯ Φ_{k+1}) e_local for j > k and NaN for j ≤ k."""
     spans = block_spans(p, block_sizes)
+    K = len(segments)
+    if queries is not None and len(queries) != K:
+        raise ValueError(f"need one query per segment end ({K}), got {len(queries)}")
     local = []
     for seg in segments:
         store: dict[int, torch.Tensor] = {}
@@ -177,26 +186,40 @@ def algorithm2_adamw(
             seg, p, block_sizes, emit=store.__setitem__, rows=3, dtype=dtype, device=device
         )
         local.append((store, phi))
-    A = []
-    for sp in spans:
-        pb = sp.stop - sp.start
-        A.append(
-            torch.cat(
-                [
-                    torch.eye(pb, dtype=dtype, device=device),
-                    torch.zeros(pb, 2 * pb, dtype=dtype, device=device),
-                ],
-                dim=1,
+
+    def theta_row(vec_or_eye):
+        out = []
+        for sp in spans:
+            pb = sp.stop - sp.start
+            head = vec_or_eye(sp, pb)
+            out.append(
+                torch.cat(
+                    [head, torch.zeros(head.shape[0], 2 * pb, dtype=dtype, device=device)], dim=1
+                )
             )
-        )
-    for store, phi in reversed(local):
+        return out
+
+    A = theta_row(lambda sp, pb: torch.eye(pb, dtype=dtype, device=device))
+    rvec: dict[int, list[torch.Tensor]] = {}  # j → u_jᵀ W_{k,j} per block, [1, 3 p_b]
+    for k in range(K - 1, -1, -1):
+        store, phi = local[k]
+        if queries is not None:
+            u = queries[k].to(dtype=dtype, device=device)
+            rvec[k + 1] = theta_row(lambda sp, pb, u=u: u[sp].reshape(1, -1))
         for t, e in store.items():
             e = e.reshape(e.shape[0], 3, p)
             out = torch.empty(e.shape[0], p, dtype=dtype, device=device)
+            parts = [e[:, :, sp].reshape(e.shape[0], -1) for sp in spans]
             for b, sp in enumerate(spans):
-                out[:, sp] = e[:, :, sp].reshape(e.shape[0], -1) @ A[b].T
+                out[:, sp] = parts[b] @ A[b].T
             emit(t, out)
+            if emit_dynamics is not None and queries is not None:
+                dyn = torch.full((e.shape[0], K), float("nan"), dtype=dtype, device=device)
+                for j, r in rvec.items():
+                    dyn[:, j - 1] = sum(parts[b] @ r[b][0] for b in range(len(spans)))
+                emit_dynamics(t, dyn)
         A = [A[b] @ phi[b] for b in range(len(spans))]
+        rvec = {j: [r[b] @ phi[b] for b in range(len(spans))] for j, r in rvec.items()}
 
 
 # ----------------------------------------------------------------------------- oracle

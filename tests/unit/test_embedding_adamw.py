@@ -238,3 +238,40 @@ def test_stage_algorithm2_equals_algorithm1(adamw_run):
         adamw_run, "mask", 3, 50, seed=2, curvature="ef", blocks="layer", algorithm=2, segments=3
     )
     np.testing.assert_allclose(e2, e1, rtol=1e-9, atol=1e-12 * np.abs(e1).max())
+
+
+def test_algorithm2_adamw_dynamics_equal_embeddings_of_the_shorter_runs():
+    """Influence on checkpoint b_j equals Algorithm 1 run on the steps before b_j alone,
+    scored with u_j; NaN for points used after b_j."""
+    steps = _random_steps(T=6, kron=True)
+    sizes = (4, 2)
+    bounds = [0, 2, 4, 6]
+    gen = torch.Generator().manual_seed(9)
+    us = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(3)]
+    segments = [
+        [(t, steps[t]) for t in range(b - 1, a - 1, -1)] for a, b in itertools.pairwise(bounds)
+    ]
+    dyn: dict[int, torch.Tensor] = {}
+    algorithm2_adamw(
+        segments,
+        6,
+        sizes,
+        emit=lambda t, e: None,
+        queries=us,
+        emit_dynamics=lambda t, d: dyn.__setitem__(t, d),
+    )
+    for j, end in enumerate(bounds[1:], start=1):
+        short: dict[int, torch.Tensor] = {}
+        algorithm1_adamw(
+            [(t, steps[t]) for t in range(end - 1, -1, -1)],
+            6,
+            sizes,
+            emit=lambda t, e, short=short: short.__setitem__(t, e),
+        )
+        for t in range(6):
+            if t < end:
+                torch.testing.assert_close(
+                    dyn[t][:, j - 1], short[t] @ us[j - 1], rtol=RTOL, atol=1e-14
+                )
+            else:
+                assert torch.isnan(dyn[t][:, j - 1]).all()
