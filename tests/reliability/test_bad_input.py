@@ -18,7 +18,10 @@ BAD = {
     "huge-hidden": (["model.hidden=[2000000000]"], "more than this machine's"),
     "batch-too-big": (["train.batch_size=100000"], "larger than the training set"),
     "bf16-on-cpu": (["train.dtype=bfloat16"], "bfloat16"),
-    "warmup-too-long": (["schedule=warmup_cosine", "schedule.warmup_steps=1000"], "not shorter than the run"),
+    "warmup-too-long": (
+        ["schedule=warmup_cosine", "schedule.warmup_steps=1000"],
+        "not shorter than the run",
+    ),
     "gpt-on-mnist": (["model=pythia_tiny"], "needs text data"),
     "typo-key": (["optim.lrr=0.1"], "did you mean optim.lr?"),
     "unknown-experiment": (["experiment=nope"], "available: "),
@@ -26,8 +29,13 @@ BAD = {
 
 
 def lm_args(tmp_path, *extra: str) -> list[str]:
-    return ["experiment=pythia_tiny", f"runtime.out_root={tmp_path / 'runs'}", "runtime.progress=false",
-            f"data.cache_dir={tmp_path / 'tok'}", *extra]
+    return [
+        "experiment=pythia_tiny",
+        f"runtime.out_root={tmp_path / 'runs'}",
+        "runtime.progress=false",
+        f"data.cache_dir={tmp_path / 'tok'}",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(("overrides", "needle"), BAD.values(), ids=BAD.keys())
@@ -40,7 +48,10 @@ def test_bad_config_is_one_line_and_leaves_nothing(tmp_path, overrides, needle):
 
 
 def test_huge_vocabulary_is_refused_before_allocating(tmp_path):
-    one_error_line(invoke("train", *lm_args(tmp_path, "model.vocab_size=100000000000")), "more than this machine's")
+    one_error_line(
+        invoke("train", *lm_args(tmp_path, "model.vocab_size=100000000000")),
+        "more than this machine's",
+    )
 
 
 def test_out_root_that_is_a_file_or_unwritable(tmp_path):
@@ -63,7 +74,9 @@ def test_garbage_jsonl_names_the_bad_line_at_any_fraction(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.jsonl").write_text("this is not json\n" * 50)
-    args = lm_args(tmp_path, "data.source=jsonl", f"data.path={shards}", "data.fraction=0.01", "data.n_train=0")
+    args = lm_args(
+        tmp_path, "data.source=jsonl", f"data.path={shards}", "data.fraction=0.01", "data.n_train=0"
+    )
     one_error_line(invoke("train", *args), "a.jsonl:1: not valid JSON")
 
 
@@ -78,9 +91,15 @@ def test_crafted_cifar_pickle_is_not_run(tmp_path):
     folder.mkdir(parents=True)
     for name in ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
         (folder / name).write_bytes(pickle.dumps(Evil()))
-    args = ["experiment=cifar10_noise", f"data.root={tmp_path / 'cifar'}", f"runtime.out_root={tmp_path / 'runs'}",
-            "runtime.progress=false"]
-    line = one_error_line(invoke("train", *args), "not the official CIFAR-10 file", "data.trust_pickle=true")
+    args = [
+        "experiment=cifar10_noise",
+        f"data.root={tmp_path / 'cifar'}",
+        f"runtime.out_root={tmp_path / 'runs'}",
+        "runtime.progress=false",
+    ]
+    line = one_error_line(
+        invoke("train", *args), "not the official CIFAR-10 file", "data.trust_pickle=true"
+    )
     assert "pickle" in line and not marker.exists(), "the crafted file ran"
 
 
@@ -89,7 +108,9 @@ def test_an_internal_error_is_one_line_with_the_debug_hint(tmp_path, monkeypatch
         raise ValueError("something dve did not expect\nsecond line")
 
     monkeypatch.setattr(train_mod, "run_training", broken)
-    one_error_line(invoke("train", *tiny_args(tmp_path)), "internal error ValueError", "DVE_DEBUG=1", code=1)
+    one_error_line(
+        invoke("train", *tiny_args(tmp_path)), "internal error ValueError", "DVE_DEBUG=1", code=1
+    )
     monkeypatch.setenv("DVE_DEBUG", "1")
     res = invoke("train", *tiny_args(tmp_path))
     assert res.exit_code == 1 and isinstance(res.exception, ValueError)

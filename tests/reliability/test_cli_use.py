@@ -17,7 +17,11 @@ def test_score_takes_the_embed_overrides_and_prints_a_summary(work):
     own = pd.read_parquet(work["embed"] / "scores.parquet")
     pd.testing.assert_series_equal(pd.read_parquet(out)["score"], own["score"], rtol=1e-10)
     assert invoke("verify", out.parent).exit_code == 0
-    one_error_line(invoke("score", *tiny_args(work["root"], "projection.k_in=7")), "no finished embedding", "dve embed")
+    one_error_line(
+        invoke("score", *tiny_args(work["root"], "projection.k_in=7")),
+        "no finished embedding",
+        "dve embed",
+    )
 
 
 def test_progress_lines_when_not_on_a_terminal(monkeypatch, capsys):
@@ -28,5 +32,7 @@ def test_progress_lines_when_not_on_a_terminal(monkeypatch, capsys):
         for _ in range(3):
             bar.update(1, loss=0.5)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 4 and lines[0].startswith("train: 1/3 step (33%)") and "loss=0.5" in lines[0]
+    assert (
+        len(lines) == 4 and lines[0].startswith("train: 1/3 step (33%)") and "loss=0.5" in lines[0]
+    )
     assert lines[-1].startswith("train: 3/3 step (100%)")

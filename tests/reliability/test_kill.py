@@ -20,8 +20,12 @@ LONG = ["train.epochs=60", "trajectory.checkpoint_every=16"]  # 480 steps: secon
 
 
 def _kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
-    proc = subprocess.Popen([str(DVE), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={"DVE_QUIET": "1", "PATH": str(DVE.parent)})
+    proc = subprocess.Popen(
+        [str(DVE), *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"DVE_QUIET": "1", "PATH": str(DVE.parent)},
+    )
     t0 = time.monotonic()
     while not ready():
         if proc.poll() is not None:
@@ -53,7 +57,9 @@ def test_sigkill_during_gradient_capture_then_resume(pristine, tmp_path):
     args = tiny_args(root, *LONG)
     ok(invoke("train", *args))
     grads = root / "tiny_mlp"
-    _kill_when(["embed", *args], lambda: any((g / "done.npy").is_file() for g in grads.glob("grads-*")))
+    _kill_when(
+        ["embed", *args], lambda: any((g / "done.npy").is_file() for g in grads.glob("grads-*"))
+    )
     emb = ok(invoke("embed", *args))
     clean_root = tmp_path / "clean"
     ok(invoke("train", *tiny_args(clean_root, *LONG)))
