@@ -165,7 +165,6 @@ def score(
     queries: Path = typer.Option(None, help="An .npz file with arrays x (features) and y (labels)."),
     top: int = typer.Option(5, "--top", help="How many of the highest and lowest scored points to print."),
 ) -> None:
-    from dve_repro import ui
     from dve_repro.embed import embed_dir_for, score_queries, score_summary
 
     embed_path, overrides = _split_run_dir(args or [])
@@ -176,7 +175,7 @@ def score(
         embed_path, overrides = embed_dir_for(overrides), []
     out = score_queries(embed_path, overrides, split, queries)
     for line in score_summary(out, top):
-        ui.log(line)
+        typer.echo(line, err=True)
     typer.echo(str(out))
 
 

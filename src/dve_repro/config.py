@@ -314,7 +314,7 @@ def _explain(exc: BaseException, cdir: Path) -> str:
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if m:
         key = m.group(1)
-        close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, [k for k in known_keys() if k != key], n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return f"unknown key {key}{hint}"
     m = re.search(r"Could not find '([^'/]+)/([^']+)'", text)

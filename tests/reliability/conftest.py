@@ -25,4 +25,7 @@ def work(pristine, tmp_path) -> dict[str, Path]:
     """A private copy of the pristine runs, to damage."""
     root = tmp_path / "runs"
     shutil.copytree(pristine["root"], root)
-    return {k: (root / v.relative_to(pristine["root"]) if k != "root" else root) for k, v in pristine.items()}
+    return {
+        k: (root / v.relative_to(pristine["root"]) if k != "root" else root)
+        for k, v in pristine.items()
+    }

@@ -30,9 +30,16 @@ def one_error_line(result, *needles: str, code: int = 2) -> str:
 
 
 def tiny_args(root: Path, *extra: str) -> list[str]:
-    return ["experiment=tiny_mlp", f"runtime.out_root={root}", "runtime.progress=false",
-            "trajectory.checkpoint_every=4", *extra]
+    return [
+        "experiment=tiny_mlp",
+        f"runtime.out_root={root}",
+        "runtime.progress=false",
+        "trajectory.checkpoint_every=4",
+        *extra,
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }

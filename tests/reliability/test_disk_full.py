@@ -21,7 +21,12 @@ def test_too_little_free_space_is_refused_before_any_work(work, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(artifacts.shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 1000, 1000))
     before = snapshot(work["embed"])
-    one_error_line(invoke("embed", *tiny_args(work["root"]), "--force"), "not enough disk space", "needs", "free")
+    one_error_line(
+        invoke("embed", *tiny_args(work["root"]), "--force"),
+        "not enough disk space",
+        "needs",
+        "free",
+    )
     assert snapshot(work["embed"]) == before
 
 
@@ -31,7 +36,9 @@ def test_enospc_while_allocating_an_array_is_one_line_and_loses_nothing(work, mo
 
     monkeypatch.setattr(artifacts.os, "posix_fallocate", full)
     before = snapshot(work["embed"])
-    one_error_line(invoke("embed", *tiny_args(work["root"]), "--force"), "No space left on device", "E.npy")
+    one_error_line(
+        invoke("embed", *tiny_args(work["root"]), "--force"), "No space left on device", "E.npy"
+    )
     assert snapshot(work["embed"]) == before, "the finished embedding was touched"
     assert not list(work["embed"].parent.glob(".*.new-*"))
     monkeypatch.undo()
@@ -50,8 +57,12 @@ def test_enospc_while_writing_a_checkpoint_then_resume(pristine, tmp_path, monke
 
     monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
     root = tmp_path / "runs"
-    one_error_line(invoke("train", *tiny_args(root)), "No space left on device", "step_0000008.safetensors",
-                   "free some space")
+    one_error_line(
+        invoke("train", *tiny_args(root)),
+        "No space left on device",
+        "step_0000008.safetensors",
+        "free some space",
+    )
     run = root / pristine["train"].relative_to(pristine["root"])
     assert ckpt_path(run, 4).is_file() and not (run / "DONE").exists()  # finished steps kept
     monkeypatch.undo()

@@ -19,8 +19,10 @@ def test_garbage_done_mask_in_a_finished_store_is_recomputed(work, pristine):
     (_grads(work) / "done.npy").write_bytes(b"garbage")
     res = invoke("embed", *tiny_args(work["root"]), "--force")
     assert ok(res) == work["embed"] and "recomputing the gradients" in res.stderr
-    pd.testing.assert_frame_equal(pd.read_parquet(work["embed"] / "scores.parquet"),
-                                  pd.read_parquet(pristine["embed"] / "scores.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(work["embed"] / "scores.parquet"),
+        pd.read_parquet(pristine["embed"] / "scores.parquet"),
+    )
 
 
 def test_garbage_done_mask_with_force_keeps_the_old_embedding(work):
@@ -56,6 +58,11 @@ def test_force_rebuild_swaps_in_a_verified_folder(work, pristine):
 def test_refused_configs_leave_nothing_behind(work):
     exp = work["root"] / "tiny_mlp"
     before = sorted(p.name for p in exp.iterdir())
-    one_error_line(invoke("embed", *tiny_args(work["root"]), "projection.k_in=7", "embed.max_matrix_gb=1e-9"), "embed.max_matrix_gb")
-    one_error_line(invoke("compare-tsloo", *tiny_args(work["root"]), "tsloo.n_points=100000"), "tsloo.n_points")
+    one_error_line(
+        invoke("embed", *tiny_args(work["root"]), "projection.k_in=7", "embed.max_matrix_gb=1e-9"),
+        "embed.max_matrix_gb",
+    )
+    one_error_line(
+        invoke("compare-tsloo", *tiny_args(work["root"]), "tsloo.n_points=100000"), "tsloo.n_points"
+    )
     assert sorted(p.name for p in exp.iterdir()) == before

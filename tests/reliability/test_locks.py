@@ -12,17 +12,23 @@ import pytest
 from rel_helpers import invoke, ok, one_error_line, snapshot, tiny_args
 
 DVE = Path(sys.executable).parent / "dve"
-HOLD = ("import sys, time; from dve_repro.artifacts import FolderLock; "
-        "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+HOLD = (
+    "import sys, time; from dve_repro.artifacts import FolderLock; "
+    "FolderLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)"
+)
 
 
 def test_held_lock_refuses_and_a_killed_holder_leaves_no_stale_lock(work):
     train, args = work["train"], tiny_args(work["root"])
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(train)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(train)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(train)
-        one_error_line(invoke("train", *args, "--force"), "is in use by pid", str(holder.pid), "dve")
+        one_error_line(
+            invoke("train", *args, "--force"), "is in use by pid", str(holder.pid), "dve"
+        )
         one_error_line(invoke("train", *args), "is in use by pid")
         assert snapshot(train) == before, "a refused process touched the locked folder"
     finally:
@@ -40,14 +46,26 @@ def test_two_embeds_at_once_never_mark_a_wrong_result_done(work, pristine):
     line; the folder left behind verifies and holds the clean run's scores."""
     args = tiny_args(work["root"])
     env = {"DVE_QUIET": "1", "PATH": str(DVE.parent)}
-    procs = [subprocess.Popen([str(DVE), "embed", *args, "--force"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [str(DVE), "embed", *args, "--force"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert {rc for rc, _, _ in outs} <= {0, 2} and any(rc == 0 for rc, _, _ in outs), outs
     for rc, _out, err in outs:
         if rc == 2:
             lines = err.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: ") and "is in use by pid" in lines[0], err
+            assert (
+                len(lines) == 1
+                and lines[0].startswith("error: ")
+                and "is in use by pid" in lines[0]
+            ), err
     emb = work["embed"]
     assert subprocess.run([str(DVE), "verify", str(emb)], env=env).returncode == 0
     got = pd.read_parquet(emb / "scores.parquet")

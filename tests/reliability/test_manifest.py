@@ -36,22 +36,30 @@ def test_finished_folders_carry_a_manifest_and_verify(pristine):
     train = pristine["train"]
     manifest = json.loads((train / artifacts.MANIFEST).read_text())
     listed = set(manifest["files"])
-    on_disk = {str(p.relative_to(train)) for p in train.rglob("*") if p.is_file()} - {"DONE", "MANIFEST.json"}
+    on_disk = {str(p.relative_to(train)) for p in train.rglob("*") if p.is_file()} - {
+        "DONE",
+        "MANIFEST.json",
+    }
     assert listed == on_disk and f"checkpoints/step_{T:07d}.safetensors" in listed
     done = json.loads((train / "DONE").read_text())
     assert done["manifest_blake2b"] == artifacts.hash_file(train / artifacts.MANIFEST)
     res = invoke("verify", pristine["root"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("ok") for line in lines)  # train, capture, embed, grads
+    assert len(lines) == 4 and all(
+        line.startswith("ok") for line in lines
+    )  # train, capture, embed, grads
 
 
 @pytest.mark.parametrize("step", [0, T], ids=["theta0", "thetaT"])
 def test_flipped_bit_in_a_checkpoint_is_refused_then_rebuilt(work, pristine, step):
     train = work["train"]
     flip_bit(ckpt_path(train, step))
-    one_error_line(invoke("embed", train, "runtime.progress=false", "--force"), "is damaged",
-                   f"step_{step:07d}.safetensors changed after the run finished")
+    one_error_line(
+        invoke("embed", train, "runtime.progress=false", "--force"),
+        "is damaged",
+        f"step_{step:07d}.safetensors changed after the run finished",
+    )
     res = invoke("verify", train)
     assert res.exit_code == 1 and res.stdout.startswith("DAMAGED"), res.output
     res = invoke("train", *tiny_args(work["root"]))
@@ -65,7 +73,9 @@ def test_flipped_bit_and_truncation_in_gradients_are_refused(work):
     flip_bit(cap / "grads" / "G.npy", offset=-100)
     one_error_line(invoke("embed", cap, "runtime.progress=false", "--force"), "grads/G.npy changed")
     truncate(cap / "grads" / "G.npy")
-    line = one_error_line(invoke("embed", cap, "runtime.progress=false", "--force"), "grads/G.npy has")
+    line = one_error_line(
+        invoke("embed", cap, "runtime.progress=false", "--force"), "grads/G.npy has"
+    )
     assert "the manifest says" in line
 
 
@@ -84,8 +94,10 @@ def test_deleted_scores_are_restored(work, pristine):
     emb = work["embed"]
     (emb / "scores.parquet").unlink()
     ok(invoke("embed", *tiny_args(work["root"])))
-    pd.testing.assert_frame_equal(pd.read_parquet(emb / "scores.parquet"),
-                                  pd.read_parquet(pristine["embed"] / "scores.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(emb / "scores.parquet"),
+        pd.read_parquet(pristine["embed"] / "scores.parquet"),
+    )
 
 
 def test_edited_config_is_refused(work):
@@ -104,7 +116,9 @@ def test_a_consistently_forged_folder_fails_the_fingerprint(work):
     saved["payload"]["data"]["split_seed"] = 7
     (train / "config.json").write_text(json.dumps(saved))
     artifacts.write_json(train / artifacts.MANIFEST, artifacts.build_manifest(train))
-    artifacts.write_json(train / "DONE", {"manifest_blake2b": artifacts.hash_file(train / artifacts.MANIFEST)})
+    artifacts.write_json(
+        train / "DONE", {"manifest_blake2b": artifacts.hash_file(train / artifacts.MANIFEST)}
+    )
     assert any("fingerprint" in p for p in artifacts.verify(train))
     one_error_line(invoke("embed", train, "runtime.progress=false"), "fingerprint")
 
@@ -116,7 +130,9 @@ def test_open_npy_refuses_a_short_file_and_leaves_it_as_it_was(tmp_path):
     size = path.stat().st_size
     with pytest.raises(ArtifactError, match="truncated") as exc:
         artifacts.open_npy(path, "r+")
-    assert "\n" not in str(exc.value) and path.stat().st_size == size  # numpy's r+ would zero-pad it
+    assert (
+        "\n" not in str(exc.value) and path.stat().st_size == size
+    )  # numpy's r+ would zero-pad it
     path.write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="corrupt"):
         artifacts.load_npy(path)
@@ -125,7 +141,9 @@ def test_open_npy_refuses_a_short_file_and_leaves_it_as_it_was(tmp_path):
 def test_truncated_ground_truth_part_is_refused_not_zero_filled(pristine, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(pristine["root"], root)
-    cfg = compose(tiny_args(root, "tsloo.n_points=8", "tsloo.settings=[single]", "tsloo.conventions=[keep]"))
+    cfg = compose(
+        tiny_args(root, "tsloo.n_points=8", "tsloo.settings=[single]", "tsloo.conventions=[keep]")
+    )
     run = TrainedRun.load(root / pristine["train"].relative_to(pristine["root"]))
     gt = run_tsloo(cfg, run)
     (gt / "DONE").unlink()

@@ -158,7 +158,7 @@ def test_missing_checkpoint_names_the_fix(tmp_path):
     assert "\n" not in str(exc.value)
     # a checkpoint deleted from a finished run: the manifest names it before anything is read
     ckpt_path(path, 8).unlink()
-    with pytest.raises(ArtifactError, match="step_0000008.safetensors is missing") as exc:
+    with pytest.raises(ArtifactError, match=r"step_0000008\.safetensors is missing") as exc:
         TrainedRun.load(path)
     assert "\n" not in str(exc.value)
 
