@@ -273,7 +273,8 @@ def _run_jobs(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, jobs: list[Job
             bar.update(run.T - jobs[c[0]].start)
     seconds = time.perf_counter() - t0
     with artifacts.FolderLock(rd.final) if sn > 1 else contextlib.nullcontext():
-        merged = merge_shards(rd.path, len(jobs), n_val) and not rd.done
+        # DONE of the folder being written: a rebuilt one is staged beside the damaged final one
+        merged = merge_shards(rd.path, len(jobs), n_val) and not (rd.path / artifacts.DONE).is_file()
         if merged:
             rd.mark_done({"jobs": len(jobs), "seconds_last_call": seconds, "shards": sn})
     if not merged and not rd.done:

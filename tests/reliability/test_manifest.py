@@ -153,3 +153,24 @@ def test_truncated_ground_truth_part_is_refused_not_zero_filled(pristine, tmp_pa
     with pytest.raises(ArtifactError, match="truncated"):
         run_tsloo(cfg, run)
     assert delta.stat().st_size == size and not (gt / "DONE").exists()
+
+
+def test_damaged_ground_truth_is_rebuilt_and_swapped_in(pristine, tmp_path):
+    """A finished ground-truth folder without its manifest (an older dve, or a deleted file)
+    is recomputed beside it and swapped in: the next stage reads a verified folder with the
+    same deltas (the rebuild once ran but never replaced the old folder)."""
+    from dve_repro.tsloo import load_ground_truth
+
+    root = tmp_path / "runs"
+    shutil.copytree(pristine["root"], root)
+    cfg = compose(
+        tiny_args(root, "tsloo.n_points=4", "tsloo.settings=[single]", "tsloo.conventions=[keep]")
+    )
+    run = TrainedRun.load(root / pristine["train"].relative_to(pristine["root"]))
+    gt = run_tsloo(cfg, run)
+    _, before = load_ground_truth(gt)
+    (gt / artifacts.MANIFEST).unlink()
+    assert run_tsloo(cfg, run) == gt
+    assert not artifacts.verify(gt)
+    _, after = load_ground_truth(gt)
+    np.testing.assert_array_equal(after, before)
