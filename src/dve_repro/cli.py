@@ -297,6 +297,18 @@ def bench_lm(
     run(out, quick=quick)
 
 
+@bench_app.command("adamw", help="The AdamW-aware recursion (mask and Kronecker operators) against the SGD "
+                   "recursion at equal projection size: time per step, ratio, matrix memory, storage.")
+@guarded
+def bench_adamw(
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for adamw.csv and adamw.md."),
+    quick: bool = typer.Option(False, "--quick", help="One small size, one round."),
+) -> None:
+    from dve_repro.bench_adamw import bench_adamw as run
+
+    run(out, quick=quick)
+
+
 analyze_app = typer.Typer(help="Language-model analyses (E3, E4) from an embedding run → results/<experiment>/.",
                           no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")

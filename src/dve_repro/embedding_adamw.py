@@ -85,6 +85,14 @@ def _right(A: torch.Tensor, op: Op) -> torch.Tensor:
     return torch.einsum("rab,ac,bd->rcd", X, lo, li).reshape(r, -1)
 
 
+def _add_right(out: torch.Tensor, A: torch.Tensor, op: Op) -> None:
+    """out += A · op, in place (fused for a diagonal operator)."""
+    if isinstance(op, torch.Tensor):
+        out.addcmul_(A, op)
+    else:
+        out.add_(_right(A, op))
+
+
 def block_spans(p: int, sizes: Sequence[int] | None) -> list[slice]:
     """Contiguous spans of the blocks (one span over [0, p) when ``sizes`` is None)."""
     if sizes is None:
@@ -134,22 +142,24 @@ def algorithm1_adamw(
         g = st.g.to(dtype=dtype, device=device)
         E = torch.empty(G.shape[0], rows, p, dtype=dtype, device=device)
         for b, sp in enumerate(spans):
-            R = (
-                _right(At[b], st.ops["alpha"][b])
-                + (1 - st.beta1) * Am[b]
-                + _right(Av[b], st.ops["gamma"][b])
-            )
+            # R = A_θ·α + (1−β₁)A_m + A_v·γ, then the clip (c R − s (R g) gᵀ); in place where
+            # the operator is diagonal: the recursion is memory-bound in these p̃² passes
+            R = Am[b] * (1 - st.beta1)
+            _add_right(R, At[b], st.ops["alpha"][b])
+            _add_right(R, Av[b], st.ops["gamma"][b])
             if st.s != 0.0:
                 gb = g[sp]
-                Rc = st.c * R - st.s * torch.outer(R @ gb, gb)
-            else:
-                Rc = st.c * R if st.c != 1.0 else R
-            E[:, :, sp] = (-(G[:, sp] @ Rc.T) / st.n).reshape(G.shape[0], rows, -1)
+                Rg = R @ gb
+                R.mul_(st.c).addr_(Rg, gb, alpha=-st.s)
+            elif st.c != 1.0:
+                R.mul_(st.c)
+            E[:, :, sp] = torch.mm(G[:, sp], R.T).mul_(-1.0 / st.n).reshape(G.shape[0], rows, -1)
             Fb = F[:, sp]
-            new_t = st.rho * At[b] + ((Rc @ Fb.T) @ Fb) / st.n
-            new_m = _right(At[b], st.ops["mu"][b]) + st.beta1 * Am[b]
-            new_v = _right(At[b], st.ops["kappa"][b]) + st.beta2 * Av[b]
-            At[b], Am[b], Av[b] = new_t, new_m, new_v
+            Am[b].mul_(st.beta1)
+            _add_right(Am[b], At[b], st.ops["mu"][b])
+            Av[b].mul_(st.beta2)
+            _add_right(Av[b], At[b], st.ops["kappa"][b])
+            At[b].mul_(st.rho).addmm_(torch.mm(R, Fb.T), Fb, alpha=1.0 / st.n)
         emit(t, E.reshape(G.shape[0], rows * p))
     return [torch.cat([At[b], Am[b], Av[b]], dim=1) for b in range(len(spans))]
 
