@@ -56,6 +56,16 @@ METHODS = (
         "Σ over all occurrences of DVEmb·∇L_val(θ_T): predicted L_val(θ'_T) − L_val(θ_T)",
         "as is (low = removing it lowers val loss)",
     ),
+    Method(
+        "dvemb-adamw-mask",
+        "the same through the linearised AdamW map, coordinate-subset subspace (AdamW runs only)",
+        "as is (low = removing it lowers val loss)",
+    ),
+    Method(
+        "dvemb-adamw-kron",
+        "the same through the linearised AdamW map, Kronecker subspace (AdamW runs only)",
+        "as is (low = removing it lowers val loss)",
+    ),
     Method("influence", "(1/n) g_z(θ_T)ᵀ (H + δI)⁻¹ ∇L_val(θ_T)", "as is (TSLOO sign)"),
     Method("tracin", "Σ_c η_c g_z(θ_c)ᵀ ∇L_val(θ_c)", "as is (TSLOO sign)"),
     Method("self-influence", "−Σ_c η_c ‖g_z(θ_c)‖²", "negated (high self-influence = suspicious)"),
@@ -183,6 +193,24 @@ def final_train_losses(run: TrainedRun) -> np.ndarray:
     return torch.cat(losses).double().cpu().numpy()
 
 
+def _adamw_values(cfg: Config, run: TrainedRun, timings: dict) -> dict[str, np.ndarray]:
+    """All-epoch values of the stored AdamW-aware embeddings (embed.optimizer_aware=true with
+    each of ``baselines.adamw_subspaces``), made by the embed stage and reused when finished."""
+    import dataclasses
+
+    from dve_repro.embed import run_embedding
+
+    b, out = cfg.baselines, {}
+    for kind in b.adamw_subspaces:
+        embed = dataclasses.replace(cfg.embed, optimizer_aware=True, adamw_subspace=kind,
+                                    curvature=b.adamw_curvature, blocks=b.adamw_blocks)
+        path = run_embedding(dataclasses.replace(cfg, embed=embed), run)
+        values = artifacts.load_table(path / "values.parquet").set_index("index")["all_epoch"]
+        out[f"dvemb-adamw-{kind}"] = values.reindex(np.arange(run.task.n_train), fill_value=0.0).to_numpy()
+        timings[f"dvemb-adamw-{kind}"] = sum(artifacts.read_json(path / "embedding.json")["timings"].values())
+    return out
+
+
 def method_values(
     cfg: Config, run: TrainedRun, embed_path: Path, cache: Path
 ) -> tuple[dict, dict, dict]:
@@ -198,6 +226,8 @@ def method_values(
     emb_t = artifacts.read_json(embed_path / "embedding.json")["timings"]
     timings["dvemb"] = sum(emb_t.values())
     out = {"dvemb": dv.reindex(np.arange(n), fill_value=0.0).to_numpy()}
+    if run.cfg.optim.name == "adamw":  # the AdamW-aware embeddings beside the paper's SGD proxy
+        out.update(_adamw_values(cfg, run, timings))
     x_q, y_q = run.task.x_val, run.task.y_val
     b = cfg.baselines
     q = None

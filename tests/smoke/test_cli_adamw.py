@@ -95,3 +95,14 @@ def test_experiments_compose():
     for name in ("mnist_mlp_adamw", "pythia_tiny_adamw"):
         cfg = compose([f"experiment={name}"])
         assert cfg.optim.name == "adamw" and cfg.baselines.adamw_subspaces
+
+
+@pytest.mark.slow
+def test_detect_mislabeled_shows_the_adamw_embeddings_on_an_adamw_run(tmp_path):
+    args = ["experiment=tiny_mlp", f"runtime.out_root={tmp_path / 'runs'}", "runtime.progress=false", *ADAMW,
+            "data.label_noise=0.1", "embed.adamw_k_out=4", "embed.adamw_k_in=50", "baselines.bootstrap=20",
+            "baselines.cg_iters=5"]
+    out = ok(invoke("detect-mislabeled", *args, "--results", str(tmp_path / "res")))
+    table = pd.read_csv(out / "auroc.csv") if (out / "auroc.csv").is_file() else pd.read_csv(out / "summary.csv")
+    methods = set(table["method"])
+    assert {"dvemb", "dvemb-adamw-mask", "dvemb-adamw-kron"} <= methods, methods
