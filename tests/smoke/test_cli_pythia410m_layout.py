@@ -19,25 +19,48 @@ from dve_repro.tasks import build_task
 from dve_repro.train import capture_budget_for
 
 T = 8  # 32 sequences / batch 4
-SHRUNK = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-          "model.intermediate_size=256", "model.max_position_embeddings=64", "model.expected_parameters=0"]
+SHRUNK = [
+    "model.hidden_size=64",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.intermediate_size=256",
+    "model.max_position_embeddings=64",
+    "model.expected_parameters=0",
+]
 
 
 def pile_folder(root: Path) -> Path:
     pile = root / "pile"
     pile.mkdir()
-    docs = [f"Record {i}: the river carried {i % 13} boats past the mill before noon on day {i}." for i in range(300)]
-    (pile / "00.jsonl").write_text("".join(json.dumps({"text": d, "meta": {"pile_set_name": "Pile-CC"}}) + "\n"
-                                           for d in docs))
+    docs = [
+        f"Record {i}: the river carried {i % 13} boats past the mill before noon on day {i}."
+        for i in range(300)
+    ]
+    (pile / "00.jsonl").write_text(
+        "".join(json.dumps({"text": d, "meta": {"pile_set_name": "Pile-CC"}}) + "\n" for d in docs)
+    )
     return pile
 
 
 def overrides(tmp_path: Path) -> list[str]:
-    return ["experiment=pythia410m_pile1pct", *SHRUNK, f"data.path={pile_folder(tmp_path)}", "data.fraction=1.0",
-            "data.seq_len=16", "data.n_train=32", "data.n_val=2", f"data.cache_dir={tmp_path / 'tokens'}",
-            "train.batch_size=4", "train.dtype=float32", "runtime.device=cpu", "schedule.warmup_steps=2",
-            "trajectory.checkpoint_every=4", "trajectory.dense_until=0", f"runtime.out_root={tmp_path / 'runs'}",
-            "runtime.progress=false"]
+    return [
+        "experiment=pythia410m_pile1pct",
+        *SHRUNK,
+        f"data.path={pile_folder(tmp_path)}",
+        "data.fraction=1.0",
+        "data.seq_len=16",
+        "data.n_train=32",
+        "data.n_val=2",
+        f"data.cache_dir={tmp_path / 'tokens'}",
+        "train.batch_size=4",
+        "train.dtype=float32",
+        "runtime.device=cpu",
+        "schedule.warmup_steps=2",
+        "trajectory.checkpoint_every=4",
+        "trajectory.dense_until=0",
+        f"runtime.out_root={tmp_path / 'runs'}",
+        "runtime.progress=false",
+    ]
 
 
 def invoke(*args: str):
@@ -52,7 +75,11 @@ def ok(result) -> Path:
 def test_shrunk_410m_train_embed_score_phases(tmp_path):
     ov = overrides(tmp_path)
     cfg = compose(ov)
-    assert cfg.trajectory.capture and cfg.embed.blocks == "layer" and cfg.embed.compute_dtype == "float32"
+    assert (
+        cfg.trajectory.capture
+        and cfg.embed.blocks == "layer"
+        and cfg.embed.compute_dtype == "float32"
+    )
     train = ok(invoke("train", *ov))
     assert (train / "grads" / "G.npy").is_file()  # captured during training
     env = json.loads((train / "env.json").read_text())
@@ -65,7 +92,11 @@ def test_shrunk_410m_train_embed_score_phases(tmp_path):
     E = np.load(embed / "E.npy")
     assert E.shape == (T * 4, meta["p_tilde"]) and E.dtype == np.float32 and np.isfinite(E).all()
     scores = pd.read_parquet(embed / "scores.parquet")
-    assert len(scores) == T * 4 and np.isfinite(scores["score"]).all() and scores["score"].abs().max() > 0
+    assert (
+        len(scores) == T * 4
+        and np.isfinite(scores["score"]).all()
+        and scores["score"].abs().max() > 0
+    )
 
     # dve score on the validation split reproduces the embedding's own scores
     out = ok(invoke("score", str(embed), "--split", "val"))
