@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv test test-slow test-slow-only mutants lint format reproduce ablate bench train clean-runs
+.PHONY: help venv test test-slow test-slow-only gpu-check mutants lint format reproduce ablate bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,11 @@ test-slow: $(STAMP) ## Run the slow science tests too
 
 test-slow-only: $(STAMP) ## Run only the slow tier (science regression, worker processes)
 	$(PY) -m pytest -m "slow and not gpu" -q
+
+gpu-check: $(STAMP) ## On a CUDA machine: the gpu tests, then the 410M Table 1 benchmark → results/bench/gpu.md
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: make gpu-check needs a CUDA device')"
+	$(PY) -m pytest -m gpu -q tests/gpu
+	$(PY) scripts/gpu_410m.py $(GPU_OVERRIDES)
 
 mutants: $(STAMP) ## Mutation gauntlet: plant each catalogued one-line bug, run the fast tier, list survivors
 	$(PY) scripts/mutants.py

@@ -186,3 +186,84 @@ class GradientStore:
 
     def nbytes(self) -> int:
         return int(self.G.nbytes + (self.F.nbytes if self.F is not None else 0))
+
+
+class AsyncRowWriter:
+    """Writes a :class:`GradientStore`'s rows from a background thread, so that the training
+    step does not wait for the device→host copy and the disk (paper §5.2: capture during
+    training). ``write`` enqueues the (device) tensors; at most ``depth`` steps wait in the
+    queue (their tensors stay alive until written). ``commit`` first waits for every queued
+    write, so the done-mask never marks a step whose rows are not in the map. An error in the
+    thread is raised by the next ``write`` / ``commit`` / ``close``."""
+
+    def __init__(self, store: GradientStore, depth: int = 4):
+        import queue
+        import threading
+
+        self.store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dve-row-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    t, rows, curv = item
+                    self.store.write(t, rows, curv)
+            except BaseException as exc:  # handed to the training thread, which raises it
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None) -> None:
+        self._raise()
+        self._queue.put((t, rows.detach(), None if curv is None else curv.detach()))
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def commit(self, steps) -> None:
+        self.flush()
+        self.store.commit(steps)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+
+def capture_budget(blocks: list[Block], out_dim: int, n_rows: int, *, rows_per_point: int, storage_dtype: str,
+                   compute_dtype: torch.dtype, m_blocks: list[slice] | None, batch: int, tokens: int,
+                   factor_bytes: int) -> dict[str, int]:
+    """Bytes that capture and the embedding will need (before the first step):
+
+    * ``rows_disk`` — G (and F) on disk: n_rows · (1 + rows_per_point) · p̃ · itemsize;
+    * ``m_bytes`` — one M of Algorithm 1 in ``compute_dtype`` (Σ_b p_b² per-layer, p̃² full);
+    * ``factor_bytes`` — the hook factors of one step, held until its backward ends:
+      batch · tokens · Σ_layers (d_in + d_out) · ``factor_bytes`` (a linear's input is the
+      activation autograd keeps anyway; the output gradient is new);
+    * ``projected_bytes`` — the step's projected rows, [batch, p̃] float32.
+    """
+    from dve_repro.embedding import estimate_matrix_bytes
+
+    item = np.dtype(storage_dtype).itemsize
+    # an embedding's input factor is its token ids (one int64 per token), not a V-wide row
+    widths = sum(int(b.shape[0]) + (int(b.shape[1]) if b.kind != "embedding" else 0) for b in blocks)
+    return {
+        "rows_disk": n_rows * (1 + rows_per_point) * out_dim * item,
+        "m_bytes": estimate_matrix_bytes(out_dim, m_blocks, compute_dtype),
+        "factor_bytes": batch * tokens * widths * factor_bytes,
+        "projected_bytes": batch * out_dim * 4,
+    }

@@ -309,6 +309,25 @@ def bench_adamw(
     run(out, quick=quick)
 
 
+@bench_app.command("gpu", help="E2 on the real pipeline (paper Table 1): `dve train` with capture, `dve embed`, the "
+                   "recompute-at-θ_T alternative and `dve score` for experiment=pythia410m_pile1pct; peak GPU memory "
+                   "per stage; phases figure. Extra arguments are overrides (e.g. data.path=<Pile folder>).")
+@guarded
+def bench_gpu(
+    overrides: list[str] = typer.Argument(None, help="Overrides on top of experiment=pythia410m_pile1pct.",
+                                          show_default=False),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for gpu.csv, gpu.md and phases/."),
+    steps: int = typer.Option(8, "--steps", help="Training steps to capture and embed."),
+    device: str = typer.Option("cuda", "--device", help="cuda (the benchmark), or cpu for a dry run."),
+) -> None:
+    from dve_repro.bench_gpu import bench_gpu as run
+    from dve_repro.tasks import resolve_device
+
+    if steps < 2:
+        raise DveError(f"--steps must be >= 2 (got {steps})")
+    run(out, list(overrides or []), steps=steps, device=resolve_device(device))
+
+
 analyze_app = typer.Typer(help="Language-model analyses (E3, E4) from an embedding run → results/<experiment>/.",
                           no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")

@@ -176,6 +176,9 @@ class EmbedConfig:
     workers: int = 0  # Algorithm 2: worker processes (0 = in-process); speed-only
     engine: str = "auto"  # per-sample gradients: auto | hooks | func; speed-only
     storage_dtype: str = "float64"  # dtype of stored gradients and embeddings
+    # dtype of Algorithms 1/2 (M, products) on the run's device: float64 (the CPU default, the
+    # oracles' precision) | float32 (GPU speed; the 410M experiment)
+    compute_dtype: str = "float64"
     chunk_steps: int = 64  # steps of gradients read at a time; speed-only
     max_matrix_gb: float = 8.0  # refuse p̃×p̃ matrices larger than this (speed/memory only)
     # AdamW-aware embedding (embed_adamw.py): Algorithm 1/2 through the linearised AdamW map,
@@ -224,6 +227,9 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     out_root: str = "results/runs"
     progress: bool = True
+    # Replay re-executes training bit for bit only on the device it trained on; true lets a
+    # replay run elsewhere anyway (results then differ from training's in the last bits).
+    inexact_replay: bool = False
 
 
 @dataclass
@@ -446,6 +452,7 @@ def validate(cfg: Config) -> None:
     _one_of(e.curvature, ("ef", "gn", "mc"), "embed.curvature")
     _one_of(e.engine, ("auto", "hooks", "func"), "embed.engine")
     _one_of(e.storage_dtype, ("float32", "float64"), "embed.storage_dtype")
+    _one_of(e.compute_dtype, ("float32", "float64"), "embed.compute_dtype")
     _check(e.mc_samples > 0, f"embed.mc_samples must be > 0 (got {e.mc_samples})")
     _check(e.segments > 0, f"embed.segments must be > 0 (got {e.segments})")
     _check(e.workers >= 0, f"embed.workers must be >= 0 (got {e.workers})")
@@ -547,12 +554,19 @@ _SPEED_ONLY = {
 }
 
 
+# Fields added after runs existed: left out of a fingerprint at the value every earlier run
+# used, so those runs keep their folders (any other value enters the fingerprint).
+_OMITTED_AT = {"embed": {"compute_dtype": "float64"}}
+
+
 def section(cfg: Config, name: str) -> dict[str, Any]:
     """One config section as a dict, without its speed-only fields."""
     value = getattr(cfg, name)
     out = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     if isinstance(out, dict):
-        out = {k: v for k, v in out.items() if k not in _SPEED_ONLY.get(name, set())}
+        omitted = _OMITTED_AT.get(name, {})
+        out = {k: v for k, v in out.items()
+               if k not in _SPEED_ONLY.get(name, set()) and not (k in omitted and v == omitted[k])}
     return out
 
 

@@ -53,9 +53,9 @@ def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, Trained
         path = train_dir(requested)
         if not path.is_dir():
             raise ArtifactError(f"no training run for this config at {path}; run `dve train` with the same overrides first")
-        run = TrainedRun.load(path, requested.runtime.device)
+        run = TrainedRun.load(path, requested.runtime.device, inexact_replay=requested.runtime.inexact_replay)
         return requested, run
-    run = TrainedRun.load(run_dir, requested.runtime.device)
+    run = TrainedRun.load(run_dir, requested.runtime.device, inexact_replay=requested.runtime.inexact_replay)
     cfg = dataclasses.replace(requested, **{k: getattr(run.cfg, k) for k in TRAIN_SECTIONS})
     # Outputs go beside the training run: <out_root>/<name>/train-<fp> → <out_root>.
     out_root = str(Path(run_dir).resolve().parents[1])
@@ -151,6 +151,11 @@ def query_features(feat: Featurizer, params: dict, x: torch.Tensor, y: torch.Ten
     return torch.cat([feat.features(params, x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
 
 
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of Algorithms 1/2 on the run's device (``embed.compute_dtype``)."""
+    return torch.float64 if cfg.embed.compute_dtype == "float64" else torch.float32
+
+
 def embed_dir(cfg: Config) -> Path:
     return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "embed", fingerprint(stage_payload(cfg, "embed")))
 
@@ -193,7 +198,7 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
             return rd.final
         feat = make_featurizer(cfg, run)
         blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
-        embedding.check_matrix_fits(feat.projector.out_dim, blocks, torch.float64, cfg.embed.max_matrix_gb,
+        embedding.check_matrix_fits(feat.projector.out_dim, blocks, compute_dtype(cfg), cfg.embed.max_matrix_gb,
                                     copies=2 if cfg.embed.algorithm == 2 else 1)
         _check_space(cfg, run, feat, rd.final)
         rd.prepare(to_dict(cfg), run.device, force=force)
@@ -227,7 +232,7 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
         with ui.bar("algorithm 1", total=run.T, unit="step") as bar:
             embedding.algorithm1(store.G, offsets, w, F=store.F, f_offsets=store.f_offsets(), blocks=blocks, out=E,
                                  chunk_steps=cfg.embed.chunk_steps, progress=bar.update,
-                                 max_matrix_gb=cfg.embed.max_matrix_gb)
+                                 max_matrix_gb=cfg.embed.max_matrix_gb, dtype=compute_dtype(cfg), device=run.device)
     else:
         queries = {}
         for j, b in enumerate(bounds[1:], start=1):
@@ -236,7 +241,7 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
         ui.log(f"algorithm 2: {len(bounds) - 1} segments at {bounds}, workers={cfg.embed.workers}")
         res = embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(), blocks=blocks,
                                    workers=cfg.embed.workers, queries=queries, out=E,
-                                   max_matrix_gb=cfg.embed.max_matrix_gb)
+                                   max_matrix_gb=cfg.embed.max_matrix_gb, dtype=compute_dtype(cfg), device=run.device)
         dynamics = res.dynamics
     E.flush()
     timings["algorithm_s"] = time.perf_counter() - t0
@@ -262,15 +267,16 @@ def finish_embedding(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat, d
     final = run.final_params()
     E = artifacts.open_npy(rd.file("E.npy.partial"), "r")
     # Scoring at θ_T: the mean validation loss's gradient is the mean of the per-point ones.
+    # Rows of E are read from the disk and moved to the queries' device (the run's).
     t0 = time.perf_counter()
-    Q = query_features(feat, final, run.task.x_val, run.task.y_val).to(sdtype)  # [N_val, p̃]
+    Q = query_features(feat, final, run.task.x_val, run.task.y_val).to(run.device, sdtype)  # [N_val, p̃]
     q_mean = Q.mean(0)
     scores_mean = np.empty(len(occ))
     scores_pts = artifacts.create_npy(rd.file("scores_points.npy.partial"), (len(occ), Q.shape[0]), np.float64)
     for a in range(0, len(occ), 8192):
-        rows = torch.from_numpy(np.array(E[a : a + 8192])).to(sdtype)
-        scores_mean[a : a + 8192] = (rows @ q_mean).double().numpy()
-        scores_pts[a : a + 8192] = (rows @ Q.T).double().numpy()
+        rows = torch.from_numpy(np.array(E[a : a + 8192])).to(run.device, sdtype)
+        scores_mean[a : a + 8192] = (rows @ q_mean).double().cpu().numpy()
+        scores_pts[a : a + 8192] = (rows @ Q.T).double().cpu().numpy()
     scores_pts.flush()
     timings["scoring_s"] = time.perf_counter() - t0
     del E, scores_pts
@@ -326,6 +332,7 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
         check_compatible(saved, asked, f"embedding {embed_path}")
     run = TrainedRun.load(meta["train_run"], cfg.runtime.device)
     feat = make_featurizer(cfg, run)
+    device = run.device
     check_compatible(meta["projection"], feat.projector.describe(), f"embedding {embed_path}")
     if queries_file is not None:
         name = Path(queries_file).stem
@@ -340,7 +347,9 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
         if run.task.kind == "classify" and len(y) and (int(y.min()) < 0 or int(y.max()) >= run.task.n_classes):
             raise DveError(f"query labels must lie in [0, {run.task.n_classes}) "
                            f"(got {int(y.min())}..{int(y.max())}) in {queries_file}")
-        x = x.to(run.task.x_train.dtype)
+        # queries enter the model on its device, as the training points do (token ids: int64)
+        x = x.to(device, torch.long if run.task.kind == "lm" else run.task.x_val.dtype)
+        y = y.to(device)
     else:
         name = split
         if split == "val":
@@ -351,9 +360,10 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
             raise DveError(f"unknown query split {split!r} (use val or test, or --queries FILE.npz)")
     if x.shape[0] == 0:
         raise DveError(f"the query set {name!r} is empty")
-    q = query_features(feat, run.final_params(), x, y).mean(0)
+    q = query_features(feat, run.final_params(), x, y).mean(0).to(device, torch.float64)
     E = artifacts.open_npy(Path(embed_path) / "E.npy", "r")
-    scores = np.concatenate([np.asarray(E[a : a + 8192]) @ q.double().numpy() for a in range(0, E.shape[0], 8192)])
+    scores = np.concatenate([(torch.from_numpy(np.array(E[a : a + 8192])).to(device, torch.float64) @ q).cpu().numpy()
+                             for a in range(0, E.shape[0], 8192)])
     occ = artifacts.load_table(Path(embed_path) / "occurrences.parquet")
     if len(occ) != len(scores):
         raise ArtifactError(f"{embed_path}: E.npy has {len(scores)} rows but occurrences.parquet {len(occ)}")

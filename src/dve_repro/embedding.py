@@ -45,23 +45,24 @@ from dve_repro.errors import DveError
 
 Array = Any  # torch.Tensor | np.ndarray | np.memmap
 Blocks = Sequence[slice] | None
+Device = str | torch.device  # where the recursion's matrices live (the run's device)
 _ROW_CHUNK = 16384
 
 
 # ----------------------------------------------------------------------------- helpers
-def _rows(X: Array, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows a:b of X as a (fresh, when X is numpy) torch tensor of ``dtype``."""
+def _rows(X: Array, a: int, b: int, dtype: torch.dtype, device: Device = "cpu") -> torch.Tensor:
+    """Rows a:b of X as a (fresh, when X is numpy) torch tensor of ``dtype`` on ``device``."""
     chunk = X[a:b]
     if isinstance(chunk, np.ndarray):
         chunk = np.array(chunk)  # copy out of a (possibly read-only) memmap
-    return torch.as_tensor(chunk, dtype=dtype)
+    return torch.as_tensor(chunk).to(device=device, dtype=dtype)
 
 
 def _write(out: Array, a: int, b: int, value: torch.Tensor) -> None:
     if isinstance(out, torch.Tensor):
-        out[a:b] = value.to(out.dtype)
+        out[a:b] = value.to(out.device, out.dtype)
     else:
-        out[a:b] = value.numpy().astype(out.dtype, copy=False)
+        out[a:b] = value.cpu().numpy().astype(out.dtype, copy=False)
 
 
 def _spans(blocks: Blocks, p: int) -> list[slice]:
@@ -138,6 +139,7 @@ def algorithm1(
     chunk_steps: int = 64,
     progress: Callable[[int], Any] | None = None,
     max_matrix_gb: float = 8.0,
+    device: Device = "cpu",
 ):
     """Paper Algorithm 1: all embeddings E [N_occ, p] with one backward pass over the steps.
 
@@ -146,23 +148,25 @@ def algorithm1(
     written chunk by chunk) and returns ``(out, M_final)``: M after step 0, i.e.
     I − M_final = Π_{t} (I − w_t H_t) (the segment propagator of Algorithm 2); a [p, p]
     tensor, or a list of per-block tensors when ``blocks`` is given. ``progress(n)`` is
-    called with the number of steps just finished (an increment).
+    called with the number of steps just finished (an increment). M, the chunks of G / F and
+    the arithmetic live on ``device`` in ``dtype``; ``out`` (a CPU memmap or a tensor
+    anywhere) receives each finished chunk. M is returned on ``device``.
     """
     offs, ws, foffs = _prepare(G, offsets, w, F, f_offsets)
     n, p = G.shape
     spans = _spans(blocks, p)
     check_matrix_fits(p, blocks, dtype, max_matrix_gb)
     if out is None:
-        out = torch.empty(n, p, dtype=dtype)
+        out = torch.empty(n, p, dtype=dtype, device=device)
     elif tuple(out.shape) != (n, p):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, p)}")
-    Ms = [torch.zeros(s.stop - s.start, s.stop - s.start, dtype=dtype) for s in spans]
+    Ms = [torch.zeros(s.stop - s.start, s.stop - s.start, dtype=dtype, device=device) for s in spans]
     T = len(ws)
     for s1 in range(T, 0, -chunk_steps):
         s0 = max(0, s1 - chunk_steps)
         a = offs[s0]
-        Gc = _rows(G, a, offs[s1], dtype)
-        Fc = None if F is None else _rows(F, foffs[s0], foffs[s1], dtype)
+        Gc = _rows(G, a, offs[s1], dtype, device)
+        Fc = None if F is None else _rows(F, foffs[s0], foffs[s1], dtype, device)
         Ec = torch.empty_like(Gc)
         for t in range(s1 - 1, s0 - 1, -1):
             r0, r1 = offs[t] - a, offs[t + 1] - a
@@ -292,6 +296,7 @@ def algorithm2(
     queries: dict[int, Any] | None = None,
     out: Array | None = None,
     max_matrix_gb: float = 8.0,
+    device: Device = "cpu",
 ) -> Algorithm2Result:
     """Paper Algorithm 2 (parallel influence checkpointing); equal to :func:`algorithm1`.
 
@@ -302,7 +307,12 @@ def algorithm2(
     per worker); whole-file memmaps (G, F, out) travel as file references. ``queries``
     {j: u_j [p] or [p, Q]} (u_j = validation gradient at θ_{b_j}, 1 ≤ j ≤ K) adds
     dynamics[row, j−1] = u_jᵀ Q_{j−1} ⋯ Q_{k+1} e_local for rows of segment k < j, NaN otherwise.
+    Propagators, queries and products live on ``device`` (queries are moved there);
+    ``dynamics`` is returned on the CPU. Worker processes run on the CPU only.
     """
+    if workers > 0 and torch.device(device).type != "cpu":
+        raise DveError(f"embed.workers={workers} runs segments in CPU processes; on {device} use embed.workers=0 "
+                       "(the device runs each segment's matrix products in parallel already)")
     offs, ws, foffs = _prepare(G, offsets, w, F, f_offsets)
     n, p = G.shape
     b = [int(x) for x in boundaries]
@@ -312,7 +322,7 @@ def algorithm2(
     spans = _spans(blocks, p)
     check_matrix_fits(p, blocks, dtype, max_matrix_gb, copies=K + 2)
     if out is None:
-        out = torch.empty(n, p, dtype=dtype)
+        out = torch.empty(n, p, dtype=dtype, device=device)
     jobs = []
     for k in range(K):
         s0, s1 = b[k], b[k + 1]
@@ -344,16 +354,16 @@ def algorithm2(
             Fk = None if F is None else F[foffs[s0] : foffs[s1]]
             _, M = algorithm1(
                 G[offs[s0] : offs[s1]], so, sw, F=Fk, f_offsets=sf, blocks=blocks,
-                out=out[offs[s0] : offs[s1]], dtype=dtype, max_matrix_gb=max_matrix_gb,
+                out=out[offs[s0] : offs[s1]], dtype=dtype, max_matrix_gb=max_matrix_gb, device=device,
             )
             Ms[k] = _as_list(M)
-    Qs = [[torch.eye(M.shape[0], dtype=dtype) - M for M in Mk] for Mk in Ms]
+    Qs = [[torch.eye(M.shape[0], dtype=dtype, device=device) - M.to(device) for M in Mk] for Mk in Ms]
     del Ms
 
     # query vectors per segment: V[k][j] = (Q_{j−1} ⋯ Q_{k+1})ᵀ u_j for j > k
     dynamics, squeeze, Vq = None, True, [dict() for _ in range(K)]
     if queries:
-        us = {int(j): torch.as_tensor(u, dtype=dtype) for j, u in queries.items()}
+        us = {int(j): torch.as_tensor(u).to(device=device, dtype=dtype) for j, u in queries.items()}
         if any(not 1 <= j <= K for j in us):
             raise ValueError(f"query checkpoints must lie in 1..K={K}: {sorted(us)}")
         squeeze = all(u.dim() == 1 for u in us.values())
@@ -361,7 +371,7 @@ def algorithm2(
         nq = {u.shape[1] for u in us.values()}
         if len(nq) != 1:
             raise ValueError("all query matrices must have the same number of columns")
-        dynamics = torch.full((n, K, nq.pop()), float("nan"), dtype=dtype)
+        dynamics = torch.full((n, K, nq.pop()), float("nan"), dtype=dtype, device=device)
         for j, u in us.items():
             v = u.clone()
             for k in range(j - 1, -1, -1):
@@ -374,7 +384,7 @@ def algorithm2(
     for k in range(K - 1, -1, -1):
         for r0 in range(offs[b[k]], offs[b[k + 1]], _ROW_CHUNK):
             r1 = min(r0 + _ROW_CHUNK, offs[b[k + 1]])
-            E_loc = _rows(out, r0, r1, dtype)
+            E_loc = _rows(out, r0, r1, dtype, device)
             for j, v in Vq[k].items():
                 dynamics[r0:r1, j - 1] = E_loc @ v
             if S is not None:
@@ -384,8 +394,10 @@ def algorithm2(
                 _write(out, r0, r1, E_fin)
         if k > 0:  # S_{k−1} = S_k Q_k; the product after the first segment would go unused
             S = [Q.clone() for Q in Qs[k]] if S is None else [Sb @ Q for Sb, Q in zip(S, Qs[k], strict=True)]
-    if dynamics is not None and squeeze:
-        dynamics = dynamics[..., 0]
+    if dynamics is not None:
+        dynamics = dynamics.cpu()
+        if squeeze:
+            dynamics = dynamics[..., 0]
     return Algorithm2Result(out, [_as_output(Q, blocks) for Q in Qs], dynamics)
 
 

@@ -173,11 +173,13 @@ def build_lm_task(cfg, device: str = "cpu"):
     from dve_repro.tasks import Task
     from dve_repro.text import load_text
 
-    data = load_text(cfg.data, vocab_size=cfg.model.vocab_size)
+    data = load_text(cfg.data, vocab_size=cfg.model.vocab_size, mapped=True)
     dtype = torch_dtype(cfg.train.dtype if cfg.train.dtype != "bfloat16" else "float32")
     model = build_gpt_neox(cfg.model, dtype).to(device)
     layers, left_out = linear_layers(model, cfg.model.capture_layers)
-    train, val = data.train.to(device), data.val.to(device)
+    # Training tokens stay in the cache's memory map (Task.batch moves each batch to the
+    # device); the small validation set lives on the device.
+    train, val = data.train, data.val.to(device)
     return Task(
         kind="lm",
         model=model,

@@ -41,9 +41,12 @@ class TrainedRun:
     checkpoints: list[int]
     device: str
     threads: int = 0  # torch CPU threads training ran with (env.json); 0 = unknown
+    train_device: str = ""  # the device training ran on (env.json); "" = unknown
+    inexact_replay: bool = False  # runtime.inexact_replay: replay on another device anyway
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | None = None) -> TrainedRun:
+    def load(cls, run_dir: str | Path, device: str | None = None, *, inexact_replay: bool = False) -> TrainedRun:
+        """Load a finished run onto ``device`` (default: the device it trained on)."""
         path = Path(run_dir)
         if not path.is_dir():
             raise ArtifactError(f"run directory not found: {path}")
@@ -54,7 +57,10 @@ class TrainedRun:
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise ArtifactError(f"{path / 'config.json'} holds no resolved config")
         cfg = from_dict(saved["config"])
-        device = resolve_device(device or cfg.runtime.device)
+        env = artifacts.read_json(path / "env.json") if (path / "env.json").is_file() else {}
+        env = env if isinstance(env, dict) else {}
+        trained_on = str(env.get("device", ""))
+        device = resolve_device(device or trained_on or cfg.runtime.device)
         task = build_task(cfg, device)
         traj = Trajectory.load(path)
         ckpts = traj.check_checkpoints(path)
@@ -63,9 +69,21 @@ class TrainedRun:
         flat = np.concatenate(traj.batches) if len(traj) else np.zeros(0, np.int64)
         if len(flat) and (flat.min() < 0 or flat.max() >= task.n_train):
             raise ArtifactError(f"trajectory of {path} names training indices outside [0, {task.n_train})")
-        env = artifacts.read_json(path / "env.json") if (path / "env.json").is_file() else {}
-        threads = env.get("torch_threads", 0) if isinstance(env, dict) else 0
-        return cls(path, cfg, task, traj, ckpts, device, int(threads or 0))
+        threads = env.get("torch_threads", 0)
+        return cls(path, cfg, task, traj, ckpts, device, int(threads or 0), trained_on, inexact_replay)
+
+    def require_exact_replay(self) -> None:
+        """Refuse (one line) a replay on another device than training's: another device runs
+        other kernels, so the replay would not reproduce θ_T bit for bit (SPEC §5). The dtype
+        is the training config's by construction (the task is built from it)."""
+        if self.inexact_replay or not self.train_device:
+            return
+        if torch.device(self.device).type != torch.device(self.train_device).type:
+            raise DveError(
+                f"{self.path.name} was trained on {self.train_device} but would be replayed on {self.device}, "
+                f"which is not bit-exact; set runtime.device={self.train_device}, or runtime.inexact_replay=true "
+                "to replay anyway"
+            )
 
     @property
     def T(self) -> int:
@@ -132,6 +150,7 @@ def replay(
         raise DveError(f"replay stop={stop} is before start={start}")
     if removals and min(removals) < start:
         raise DveError(f"cannot remove points from step {min(removals)} when replaying from step {start}")
+    run.require_exact_replay()
     params, state = run.load_params(start)
     torch.use_deterministic_algorithms(True)
     cfg, task, traj = run.cfg, run.task, run.traj

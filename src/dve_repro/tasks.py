@@ -42,9 +42,21 @@ class Task:
     def n_train(self) -> int:
         return int(self.x_train.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and so every batch) lives: the run's device."""
+        return next(self.model.parameters()).device
+
     def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of training indices ``idx``, on the model's device. An LM's
+        tokens may stay in a CPU memory map (uint16/uint32): the rows are gathered there and
+        only the batch moves, as int64."""
         i = torch.tensor(np.asarray(idx), dtype=torch.long, device=self.x_train.device)
-        return self.x_train[i], self.y_train[i]
+        x, y = self.x_train[i], self.y_train[i]
+        if self.kind == "lm" and (x.device != self.device or x.dtype != torch.long):
+            x = x.to(self.device, torch.long)
+            y = x if self.y_train is self.x_train else y.to(self.device, torch.long)
+        return x, y
 
     def logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.model, params, (x,))

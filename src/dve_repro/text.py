@@ -46,6 +46,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,8 +305,12 @@ def _write_stream(
     return total
 
 
-def pack(stream: np.ndarray, seq_len: int, n: int, what: str) -> torch.Tensor:
-    """The first ``n`` rows (0 = all) of ``stream`` cut into rows of ``seq_len``: [n, seq_len] int64."""
+def pack(stream: np.ndarray, seq_len: int, n: int, what: str, mapped: bool = False) -> torch.Tensor:
+    """The first ``n`` rows (0 = all) of ``stream`` cut into rows of ``seq_len``: [n, seq_len] int64.
+
+    ``mapped=True``: the rows stay in ``stream``'s memory map, in its token dtype
+    (uint16/uint32, read-only, never written): nothing is read until a batch gathers its rows
+    (:meth:`dve_repro.tasks.Task.batch`), so a Pile-sized stream is never held whole."""
     available = len(stream) // seq_len
     if n == 0:
         n = available
@@ -320,6 +325,10 @@ def pack(stream: np.ndarray, seq_len: int, n: int, what: str) -> torch.Tensor:
             f"the {what[2:]} documents hold {len(stream)} tokens, not one sequence of "
             f"data.seq_len={seq_len}; lower data.seq_len or use more documents"
         )
+    if mapped:
+        with warnings.catch_warnings():  # read-only map: torch warns that it cannot protect it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len))
     rows = np.asarray(stream[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     return torch.from_numpy(rows)
 
@@ -514,13 +523,15 @@ def load_text(
     vocab_size: int | None = None,
     progress: ProgressFn | None = None,
     max_docs: int | None = None,
+    mapped: bool = False,
 ) -> TextData:
     """Tokenize (or read from the cache) and pack the configured text source.
 
     Returns ``train`` [N_train, seq_len] and ``val`` [N_val, seq_len] int64 token ids.
     ``vocab_size`` (the model's) is checked against the tokenizer's ids. ``max_docs`` > 0
     keeps only the first that many (kept) documents in source order; it defaults to
-    ``cfg.max_docs`` where the config has that field, else 0 (all).
+    ``cfg.max_docs`` where the config has that field, else 0 (all). ``mapped=True`` leaves
+    ``train`` in the cache's memory map (see :func:`pack`).
     """
     if max_docs is None:
         max_docs = int(getattr(cfg, "max_docs", 0))  # forward-compatible with a config field
@@ -558,7 +569,7 @@ def load_text(
             shutil.rmtree(folder)
         meta = _build_cache(folder, key, cfg, files, tok, eot, vocab, desc, max_docs, progress)
 
-    train = pack(np.load(folder / "train.npy", mmap_mode="r"), cfg.seq_len, cfg.n_train, "n_train")
+    train = pack(np.load(folder / "train.npy", mmap_mode="r"), cfg.seq_len, cfg.n_train, "n_train", mapped)
     val = pack(np.load(folder / "val.npy", mmap_mode="r"), cfg.seq_len, cfg.n_val, "n_val")
     subset = f", fraction {cfg.fraction}" if cfg.fraction < 1 else ""
     limit = f", first {max_docs:,} documents" if max_docs else ""

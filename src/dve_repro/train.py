@@ -19,6 +19,7 @@ replay re-runs the very same floating-point operations (bit-for-bit, SPEC §5).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -149,7 +150,68 @@ def check_training(cfg: Config, task: Task, plan, device: str) -> None:
     nbytes = sum(p.numel() * p.element_size() for p in task.model.parameters())
     n_ckpt = len(checkpoint_schedule(plan, cfg.trajectory))
     state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}.get(cfg.optim.name, 2)
-    artifacts.ensure_space(train_dir(cfg).parent, n_ckpt * nbytes * (1 + state), f"{n_ckpt} checkpoints")
+    ckpt_bytes = n_ckpt * nbytes * (1 + state)
+    if cfg.trajectory.capture:
+        check_capture_budget(cfg, task, plan, device, ckpt_bytes, nbytes * (2 + state))
+    artifacts.ensure_space(train_dir(cfg).parent, ckpt_bytes, f"{n_ckpt} checkpoints")
+
+
+def capture_budget_for(cfg: Config, task: Task, n_rows: int) -> dict[str, int]:
+    """What capture and the embedding of this config need, in bytes (see
+    :func:`dve_repro.capture.capture_budget`), plus ``p_tilde`` and ``m_blocks``."""
+    from dve_repro.capture import capture_budget, curvature_rows_per_point
+    from dve_repro.embed import compute_dtype
+    from dve_repro.projection import Projector
+
+    blocks = capture_blocks(task)
+    projector = Projector(cfg.projection, blocks)
+    m_blocks = projector.block_slices() if cfg.embed.blocks == "layer" else None
+    tokens = int(task.x_train.shape[1]) if task.kind == "lm" else 1
+    item = 2 if cfg.train.dtype == "bfloat16" else next(task.model.parameters()).element_size()
+    out = capture_budget(blocks, projector.out_dim, n_rows,
+                         rows_per_point=curvature_rows_per_point(cfg.embed.curvature, task.n_classes,
+                                                                 cfg.embed.mc_samples),
+                         storage_dtype=cfg.embed.storage_dtype, compute_dtype=compute_dtype(cfg),
+                         m_blocks=m_blocks, batch=cfg.train.batch_size, tokens=tokens, factor_bytes=item)
+    return {**out, "p_tilde": projector.out_dim, "m_blocks": len(m_blocks) if m_blocks else 1}
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of ``device`` (GPU memory, or this machine's RAM for the CPU); 0 = unknown."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[1])
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_capture_budget(cfg: Config, task: Task, plan, device: str, ckpt_bytes: int, state_bytes: int) -> None:
+    """Before the first step of a capturing run: refuse, with the numbers, rows that do not
+    fit on the disk beside the checkpoints, or factors + weights / optimizer state (training)
+    or M (embedding) that do not fit in the device's memory. Logs the figures otherwise."""
+    n_rows = sum(len(s.indices) for s in plan)
+    b = capture_budget_for(cfg, task, n_rows)
+    gb = lambda x: f"{x / 1e9:,.2f} GB"  # noqa: E731
+    ui.log(f"capture budget: rows {gb(b['rows_disk'])} on disk ({n_rows:,} rows × p̃={b['p_tilde']:,} "
+           f"{cfg.embed.storage_dtype}), checkpoints {gb(ckpt_bytes)}; per step factors {gb(b['factor_bytes'])} "
+           f"+ weights/grad/state {gb(state_bytes)}; embedding M {gb(b['m_bytes'])} ({b['m_blocks']} block(s), "
+           f"{cfg.embed.compute_dtype})")
+    artifacts.ensure_space(train_dir(cfg).parent, ckpt_bytes + b["rows_disk"],
+                           f"the captured gradients ({gb(b['rows_disk'])}) and checkpoints ({gb(ckpt_bytes)})")
+    total = device_memory_bytes(device)
+    if not total:
+        return
+    train_need = b["factor_bytes"] + b["projected_bytes"] + state_bytes
+    if train_need > total:
+        raise ConfigError(f"capture needs {gb(train_need)} of {device} memory per step (factors {gb(b['factor_bytes'])}"
+                          f" + weights, gradient and optimizer state {gb(state_bytes)}), more than its {gb(total)}; "
+                          "lower train.batch_size or data.seq_len")
+    copies = 2 if cfg.embed.algorithm == 1 else cfg.embed.segments + 2
+    if copies * b["m_bytes"] > total:
+        raise ConfigError(f"the embedding's M needs {gb(copies * b['m_bytes'])} of {device} memory "
+                          f"({copies} × {gb(b['m_bytes'])}, p̃={b['p_tilde']:,}, {b['m_blocks']} block(s)), more than "
+                          f"its {gb(total)}; use embed.blocks=layer or a smaller projection")
 
 
 def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) -> None:
@@ -201,6 +263,8 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) ->
                 # metrics first: the trajectory rows are what marks a checkpoint resumable
                 artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
                 artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
+    if capture is not None:
+        capture.store.close()  # every row written (θ_T is a checkpoint: committed above)
     elapsed = time.perf_counter() - t0
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
                    "resumed_from": start})
@@ -224,11 +288,26 @@ def _epoch_metrics(task: Task, params: Tensors, epoch: int, step: int, batch_los
     return {"epoch": epoch, "step": step, "train_loss": tr_loss, "train_acc": tr_acc, "val_loss": va_loss, "val_acc": va_acc}
 
 
+class _Float32Factors(dict):
+    """Hook factors read one layer at a time, each upcast to float32 as the projection takes
+    it and then dropped: autocast's bf16 factors never exist twice over all layers."""
+
+    def __getitem__(self, key):
+        a, b = self.pop(key)
+        return (a.float() if a.is_floating_point() else a, b.float())
+
+    def items(self):  # the materialising projections read every layer at once
+        return [(k, self[k]) for k in list(self.keys())]
+
+
 class _TrainCapture:
-    """Captures projected per-sample gradients inside the training step (no extra backward)."""
+    """Captures projected per-sample gradients inside the training step (no extra backward);
+    the rows go to the store through a background writer (``AsyncRowWriter``)."""
 
     def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int):
-        self.featurizer, self.store = featurizer, store
+        from dve_repro.capture import AsyncRowWriter
+
+        self.featurizer, self.store = featurizer, AsyncRowWriter(store)
         self.curvature, self.mc_samples, self.mc_seed = curvature, mc_samples, mc_seed
 
     def step(self, task, params, state, t, x, y, w, lr, cfg):
@@ -240,8 +319,9 @@ class _TrainCapture:
                 new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
             factors = hooks.factors(w)
             if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
-                factors = {k: (a.float() if a.is_floating_point() else a, b.float()) for k, (a, b) in factors.items()}
+                factors = _Float32Factors(factors)
             rows = self.featurizer.from_factors(factors)
+            del factors
         else:
             rows = self.featurizer.features(params, x, y)
             new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)

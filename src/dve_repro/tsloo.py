@@ -128,6 +128,7 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
     start = jobs[0].start
     assert all(j.start == start for j in jobs)
     task, traj, cfg = run.task, run.traj, run.cfg
+    run.require_exact_replay()
     params, state = run.load_params(start)
     stack = {k: v.to(dtype).unsqueeze(0) for k, v in params.items()}
     sstack = {k: v.to(dtype).unsqueeze(0) for k, v in state.items()}
