@@ -92,10 +92,45 @@ CATALOGUE: tuple[Mutant, ...] = (
         "momentum buffer with dampening 1 − μ",
     ),
     M(
+        "adamw-lin-clip-derivative",
+        "optim.py",
+        "self.s = cfg.grad_clip / ((norm + 1e-6) ** 2 * norm)",
+        "self.s = 0.0 * cfg.grad_clip / ((norm + 1e-6) ** 2 * norm)",
+        "linearised AdamW: clipping factor's dependence on ‖g‖ dropped",
+    ),
+    M(
+        "adamw-lin-second-moment-factor",
+        "optim.py",
+        "vk = self.b2 * dv[k] + 2 * (1 - self.b2) * self.gt[k] * dgt[k]",
+        "vk = self.b2 * dv[k] + (1 - self.b2) * self.gt[k] * dgt[k]",
+        "linearised AdamW: δv' without the factor 2 of g∘δg",
+    ),
+    M(
+        "adamw-unroll-sign",
+        "unroll.py",
+        "(-u / n).T.cpu().numpy()",
+        "(u / n).T.cpu().numpy()",
+        "AdamW unrolling scores on the wrong sign",
+    ),
+    M(
+        "adamw-embedding-beta-swap",
+        "embedding_adamw.py",
+        "Am[b].mul_(st.beta1)",
+        "Am[b].mul_(st.beta2)",
+        "AdamW recursion: first moment decays with β₂",
+    ),
+    M(
+        "adamw-kron-sandwich-transpose",
+        "embed_adamw.py",
+        "return torch.linalg.solve(P @ P.T, left.T).T",
+        "return torch.linalg.solve(P @ P.T, left.T)",
+        "Kronecker subspace: P diag(d) P⁺ transposed",
+    ),
+    M(
         "adamw-bias-correction-step",
         "optim.py",
-        "t = step + 1",
-        "t = step + 2",
+        "t = step + 1\n    bc1 = 1",
+        "t = step + 2\n    bc1 = 1",
         "AdamW bias correction one step late",
     ),
     M(
@@ -115,8 +150,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "adamw-second-moment-abs",
         "optim.py",
-        'v = b2 * state[f"v.{k}"] + (1 - b2) * g * g',
-        'v = b2 * state[f"v.{k}"] + (1 - b2) * g.abs()',
+        '(1 - b2) * g * g\n        new_s',
+        '(1 - b2) * g.abs()\n        new_s',
         "AdamW second moment of |g| instead of g²",
     ),
     M(
@@ -173,8 +208,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "embed-scores-wrong-checkpoint",
         "embed.py",
-        "final = run.final_params()",
-        "final = run.load_params(run.checkpoints[-2])[0]",
+        "final = run.final_params()\n    E = artifacts.open_npy",
+        "final = run.load_params(run.checkpoints[-2])[0]\n    E = artifacts.open_npy",
         "queries taken at the last checkpoint before θ_T",
     ),
     M(

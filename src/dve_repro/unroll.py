@@ -69,7 +69,7 @@ def unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "hessian
     if o.name == "adamw":
         return adamw_unrolled_scores(run, queries, curvature, mc_samples, mc_seed)
     if o.momentum or o.grad_clip:
-        raise DveError("exact unrolling is defined for plain SGD (no momentum or clipping) and for AdamW")
+        raise DveError("exact unrolling needs a plain-SGD run (no momentum or clipping) or an AdamW run")
     task, traj = run.task, run.traj
     offsets = traj.offsets()
     Q = next(iter(queries.values())).shape[0]
