@@ -182,6 +182,13 @@ def _plot_phases(table: pd.DataFrame, title: str, out: Path) -> None:
     plt.close(fig)
 
 
+def _estimator_kind(meta: dict) -> str:
+    """Short label of an embedding's estimator for figure titles."""
+    if meta.get("optimizer_aware"):
+        return "AdamW-aware"
+    return "SGD proxy" if meta["estimator"].startswith("SGD proxy") else "SGD"
+
+
 def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, compute: bool = True) -> Path:
     """E3 (paper Fig. 1a) for the embedding named by ``cfg``; returns the results folder."""
     from dve_repro.compare import markdown_table
@@ -205,7 +212,7 @@ def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, c
           f"late ÷ basin = **{ratios['late_over_basin_abs']:.3f}**.", "",
           "Paper (Fig. 1a): a short high warm-up phase, a long low basin, a gradual late rise.", ""]
     artifacts.write_text(out / "phases.md", "\n".join(md))
-    kind = "SGD proxy" if meta["estimator"].startswith("SGD proxy") else "SGD"
+    kind = _estimator_kind(meta)
     _plot_phases(table, f"{cfg.name} ({kind}): warm-up÷basin {ratios['warmup_over_basin']:.2f} "
                  f"(|·| {ratios['warmup_over_basin_abs']:.2f}), late÷basin {ratios['late_over_basin']:.2f} "
                  f"(|·| {ratios['late_over_basin_abs']:.2f})", out)
@@ -285,7 +292,7 @@ def run_dynamics(cfg: Config, overrides: list[str], results: Path | None = None,
     table = dynamics_table(dyn, occ["step"].to_numpy(), bounds, T)
     out = _results_dir(cfg, results)
     artifacts.save_table(out / "dynamics.csv", table)
-    kind = "SGD proxy" if meta["estimator"].startswith("SGD proxy") else "SGD"
+    kind = _estimator_kind(meta)
     _plot_dynamics(table, T, f"{cfg.name}: data value dynamics, K={len(bounds) - 1} segments ({kind})", out)
     _record_command(out, "dynamics")
     ui.log(f"dynamics over checkpoints {bounds[1:]} -> {out}")
