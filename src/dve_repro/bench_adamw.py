@@ -29,22 +29,56 @@ def _steps(G: torch.Tensor, T: int, B: int, kind: str, gen: torch.Generator) -> 
     p = G.shape[1]
     out = []
     for t in range(T):
+
         def diag():
             return 1e-3 * torch.rand(p, generator=gen, dtype=torch.float64)
 
         def pair():
             ko = 32
             ki = p // ko
-            return (torch.rand(ko, ko, generator=gen, dtype=torch.float64),
-                    1e-3 * torch.rand(ki, ki, generator=gen, dtype=torch.float64))
+            return (
+                torch.rand(ko, ko, generator=gen, dtype=torch.float64),
+                1e-3 * torch.rand(ki, ki, generator=gen, dtype=torch.float64),
+            )
 
         if kind == "mask":
             ops = {k: [diag()] for k in ("alpha", "gamma", "mu", "kappa")}
         else:
-            ops = {"alpha": [OpSum((pair(), pair()))], "gamma": [pair()], "mu": [pair()], "kappa": [pair()]}
-        out.append(AdamWStep(G=G[t * B : (t + 1) * B], n=B, g=G[t * B], ops=ops, rho=1 - 1e-4, beta1=0.9,
-                             beta2=0.95, c=0.9, s=1e-3))
+            ops = {
+                "alpha": [OpSum((pair(), pair()))],
+                "gamma": [pair()],
+                "mu": [pair()],
+                "kappa": [pair()],
+            }
+        out.append(
+            AdamWStep(
+                G=G[t * B : (t + 1) * B],
+                n=B,
+                g=G[t * B],
+                ops=ops,
+                rho=1 - 1e-4,
+                beta1=0.9,
+                beta2=0.95,
+                c=0.9,
+                s=1e-3,
+            )
+        )
     return out
+
+
+def _runs(G, offsets, w, steps, T: int, p: int) -> dict:
+    """The three recursions on the same rows, as callables."""
+
+    def adamw(kind: str):
+        return lambda: algorithm1_adamw(
+            [(t, steps[kind][t]) for t in range(T - 1, -1, -1)], p, emit=lambda t, e: None
+        )
+
+    return {
+        "sgd": lambda: algorithm1(G, offsets, w),
+        "adamw-mask": adamw("mask"),
+        "adamw-kron": adamw("kron"),
+    }
 
 
 def _time(fn) -> float:
@@ -53,7 +87,9 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_adamw(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None) -> pd.DataFrame:
+def bench_adamw(
+    out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None
+) -> pd.DataFrame:
     repeats = repeats or (1 if quick else 3)
     grid = [(1024, 64, 8)] if quick else [(1024, 64, 32), (2048, 64, 16), (4096, 64, 8)]
     before = torch.get_num_threads()
@@ -66,13 +102,7 @@ def bench_adamw(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats
             offsets = np.arange(0, T * B + 1, B)
             w = np.full(T, 1e-3 / B)
             steps = {k: _steps(G, T, B, k, gen) for k in ("mask", "kron")}
-            runs = {
-                "sgd": lambda: algorithm1(G, offsets, w),
-                "adamw-mask": lambda: algorithm1_adamw(
-                    [(t, steps["mask"][t]) for t in range(T - 1, -1, -1)], p, emit=lambda t, e: None),
-                "adamw-kron": lambda: algorithm1_adamw(
-                    [(t, steps["kron"][t]) for t in range(T - 1, -1, -1)], p, emit=lambda t, e: None),
-            }
+            runs = _runs(G, offsets, w, steps, T, p)
             times: dict[str, list[float]] = {k: [] for k in runs}
             for r in range(repeats):  # interleaved rounds, order flipped each round
                 order = list(runs) if r % 2 == 0 else list(reversed(runs))
@@ -81,22 +111,30 @@ def bench_adamw(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats
             sgd = statistics.median(times["sgd"])
             for name, ts in times.items():
                 med = statistics.median(ts)
-                rows.append({
-                    "recursion": name, "p_tilde": p, "batch": B, "steps": T,
-                    "ms_per_step": 1e3 * med / T, "points_per_s": T * B / med,
-                    "ratio_to_sgd": med / sgd,
-                    "matrix_MB": (1 if name == "sgd" else 3) * p * p * 8 / 1e6,
-                    "bytes_per_point": p * 8,
-                })
+                rows.append(
+                    {
+                        "recursion": name,
+                        "p_tilde": p,
+                        "batch": B,
+                        "steps": T,
+                        "ms_per_step": 1e3 * med / T,
+                        "points_per_s": T * B / med,
+                        "ratio_to_sgd": med / sgd,
+                        "matrix_MB": (1 if name == "sgd" else 3) * p * p * 8 / 1e6,
+                        "bytes_per_point": p * 8,
+                    }
+                )
     finally:
         torch.set_num_threads(before)
     df = pd.DataFrame(rows)
     from dve_repro.compare import markdown_table
 
-    header = (f"# AdamW-aware recursion vs the SGD recursion (Algorithm 1)\n\n"
-              f"Made by `dve bench adamw{' --quick' if quick else ''}` ({threads} threads, {repeats} interleaved "
-              f"rounds, median; load average at start {os.getloadavg()[0]:.1f}). Synthetic float64 rows, one block; "
-              f"`ratio_to_sgd` is measured side by side in the same run.\n\n")
+    header = (
+        f"# AdamW-aware recursion vs the SGD recursion (Algorithm 1)\n\n"
+        f"Made by `dve bench adamw{' --quick' if quick else ''}` ({threads} threads, {repeats} interleaved "
+        f"rounds, median; load average at start {os.getloadavg()[0]:.1f}). Synthetic float64 rows, one block; "
+        f"`ratio_to_sgd` is measured side by side in the same run.\n\n"
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts.save_table(out_dir / "adamw.csv", df)
