@@ -82,7 +82,8 @@ def _right(A: torch.Tensor, op: Op) -> torch.Tensor:
     lo, li = op
     r = A.shape[0]
     X = A.reshape(r, lo.shape[0], li.shape[0])
-    return torch.einsum("rab,ac,bd->rcd", X, lo, li).reshape(r, -1)
+    # (A (L_o ⊗ L_i))[r, (c, d)] = Σ_{a,b} A[r, (a, b)] L_o[a, c] L_i[b, d]: two batched matmuls
+    return torch.matmul(lo.T, torch.matmul(X, li)).reshape(r, -1)
 
 
 def _add_right(out: torch.Tensor, A: torch.Tensor, op: Op) -> None:
