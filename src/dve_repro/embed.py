@@ -225,7 +225,6 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     offsets = run.traj.offsets()
     w = run.traj.lrs / run.traj.sizes()
     E = artifacts.create_npy(rd.file("E.npy.partial"), store.G.shape, cfg.embed.storage_dtype)
-    final = run.final_params()
     t0 = time.perf_counter()
     dynamics = None
     if cfg.embed.algorithm == 1:
@@ -236,7 +235,7 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     else:
         queries = {}
         for j, b in enumerate(bounds[1:], start=1):
-            params = final if b == run.T else run.load_params(b)[0]
+            params = run.load_params(b)[0]  # θ_T for the last boundary
             queries[j] = query_features(feat, params, run.task.x_val, run.task.y_val).mean(0)
         ui.log(f"algorithm 2: {len(bounds) - 1} segments at {bounds}, workers={cfg.embed.workers}")
         res = embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(), blocks=blocks,

@@ -46,3 +46,29 @@ def test_pythia410m_experiment_composes_and_takes_one_step(tmp_path):
     assert torch.isfinite(losses).all() and abs(float(losses.mean()) - np.log(50304)) < 1.0
     assert not torch.equal(new_p["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], before)
     assert set(new_s) == set(state)
+
+
+def test_pythia410m_two_steps_with_capture_then_embed(tmp_path):
+    """The real 410M through `dve train` (capture on, per-layer Kronecker 32 × 32) for two
+    steps and `dve embed` on the captured rows: 96 layers, p̃ = 98,304, one 1,024 × 1,024 M
+    per layer. Checkpoints θ_0 and θ_2 with AdamW state: ~10 GB of disk, ~12 GB of memory."""
+    from dve_repro.embed import resolve, run_embedding
+    from dve_repro.train import run_training
+
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    docs = [f"Record {i}: the river carried {i % 13} boats past the mill before noon on day {i}." for i in range(400)]
+    (pile / "00.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ov = ["experiment=pythia410m_pile1pct", f"data.path={pile}", "data.fraction=1.0", "data.seq_len=32",
+          "data.n_train=4", "data.n_val=2", f"data.cache_dir={tmp_path / 'tokens'}", "train.batch_size=2",
+          "runtime.device=cpu", "train.dtype=float32", "schedule.warmup_steps=1", "trajectory.checkpoint_every=2",
+          "trajectory.dense_until=0", f"runtime.out_root={tmp_path / 'runs'}", "runtime.progress=false"]
+    train = run_training(compose(ov))
+    G = np.load(train / "grads" / "G.npy", mmap_mode="r")
+    assert G.shape == (4, 96 * 1024) and np.isfinite(G).all() and np.abs(G).max() > 0
+    cfg, run = resolve(None, ov)
+    embed = run_embedding(cfg, run)
+    meta = json.loads((embed / "embedding.json").read_text())
+    assert meta["p_tilde"] == 98_304 and "SGD proxy" in meta["estimator"]
+    E = np.load(embed / "E.npy", mmap_mode="r")
+    assert E.shape == (4, 98_304) and np.isfinite(E).all()
