@@ -72,6 +72,7 @@ def test_training_capture_equals_func_and_naive_per_sample_gradients(task):
     state = init_state(params, cfg.optim)
     cap = _TrainCapture(hooks, store, "ef", 1, 0)
     new_p, _, losses = cap.step(task, params, state, 0, x, y, w, 1e-3, cfg)
+    cap.store.flush()  # rows go through the background writer
     captured = store.rows[0]
     assert captured.shape == (B, hooks.projector.out_dim) and captured.abs().sum() > 0
 
@@ -111,6 +112,7 @@ def test_bfloat16_autocast_step_keeps_float32_weights_and_captures(task):
     store = _Rows()
     cap = _TrainCapture(_featurizer(t32, "hooks"), store, "ef", 1, 0)
     new_p, _, losses = cap.step(t32, params, init_state(params, cfg.optim), 0, t32.x_train, t32.y_train, w, 1e-3, cfg)
+    cap.store.flush()  # rows go through the background writer
     assert all(v.dtype == torch.float32 for v in new_p.values())
     assert store.rows[0].dtype == torch.float32 and torch.isfinite(store.rows[0]).all()
     exact = _featurizer(t32, "func").features(params, t32.x_train, t32.y_train)
