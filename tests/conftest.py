@@ -24,3 +24,15 @@ def tiny(out_root):
         return ["experiment=tiny_mlp", f"runtime.out_root={out_root}", "runtime.progress=false", *extra]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread (and far faster than two on a busy machine);
+    the previous count is restored after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,12 +30,7 @@ FD_EPS = 1e-6
 FD_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _random_step(clip: float, seed: int = 0):

@@ -28,12 +28,7 @@ from dve_repro.unroll import adamw_unrolled_scores, query_gradients
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _random_steps(T=5, p=6, B=3, sizes=(4, 2), kron=False, clip=True, seed=0):
