@@ -258,6 +258,22 @@ def detect_mislabeled(
     typer.echo(str(run_detect(cfg, results, force=force, command=command)))
 
 
+@app.command(help="E5 (paper Fig. 1b): online data selection by gradient alignment with a validation batch, "
+             "timed by the influence phases. Trains every select.schedules entry (never, always, early_late, early, "
+             "late) for every select.seeds entry (reusing finished runs) and writes selection.{csv,md}, curves.png "
+             "and gain_vs_cost.png to results/<experiment>/. A single selected run: "
+             "`dve train select.schedule=early_late …`. " + OVERRIDE_HELP)
+@guarded
+def select(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+) -> None:
+    from dve_repro.select import run_select
+
+    _setup(overrides or [])
+    typer.echo(str(run_select(overrides or [], results)))
+
+
 bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory and ratios → results/bench/.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

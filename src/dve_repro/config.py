@@ -61,6 +61,11 @@ class TextDataConfig:
     split_seed: int = 0
     cache_dir: str = "data/tokens"
     max_docs: int = 0  # keep only the first N kept documents in source order; 0 = all
+    # A planted low-quality share (selection experiments): this fraction of the training
+    # sequences is replaced by uniformly random token ids (recorded in labels.json as
+    # noisy_indices); the validation and held-out documents stay real text.
+    corrupt_fraction: float = 0.0
+    corrupt_seed: int = 0
 
 
 @dataclass
@@ -145,6 +150,7 @@ class TrainLoopConfig:
     drop_last: bool = False
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
     order_seed: int = 0  # seed of the per-epoch shuffles (the order itself is recorded)
+    eval_every: int = 0  # also evaluate the validation loss every this many steps (curve.csv); 0 = per epoch only
 
 
 @dataclass
@@ -219,6 +225,41 @@ class BaselinesConfig:
     adamw_blocks: str = "layer"
 
 
+#: The selection schedules of ``dve select`` (select.py): which steps choose their batch.
+SELECT_SCHEDULES = ("never", "always", "early_late", "early", "late")
+
+
+@dataclass
+class SelectConfig:
+    """Online data selection by gradient alignment with a validation batch (E5, select.py).
+
+    At a selecting step the batch is the ``|B_t|`` best-aligned candidates of a pool of
+    ``pool_factor × |B_t|``: the step's usual batch plus points drawn at random from the rest;
+    every other step trains on its usual batch (``never`` is plain training)."""
+
+    schedule: str = "never"  # never | always | early_late | early | late
+    pool_factor: float = 4.0  # candidates per batch slot (the pool holds round(pool_factor·|B_t|) points)
+    # score of candidate i: ⟨g_i, g_val⟩ (dot, DoGE's generalisation estimate) | cosine; × η_t when lr_scaled
+    score: str = "dot"
+    lr_scaled: bool = True
+    # windows: phases = the warm-up steps (schedule.warmup_steps) and the last tenth of the run, the
+    # regions `dve analyze phases` reports | fractions = [0, early_end·T) and [late_start·T, T)
+    windows: str = "phases"
+    early_end: float = 0.04
+    late_start: float = 0.9
+    val_batch: int = 16  # selection-split points per validation gradient (a fresh draw every selecting step)
+    n_split: int = 256  # points in the selection split (held out; never the evaluation split)
+    # first row of the selection split in the held-out stream (language models: the validation
+    # documents' token stream; classifiers: the test split); -1 = the first document after the
+    # evaluation rows
+    split_start: int = -1
+    seed: int = 0  # pools and validation batches
+    # `dve select`: every schedule × every seed (a seed s sets train.order_seed, model.init_seed
+    # and select.seed to s)
+    schedules: list[str] = field(default_factory=lambda: list(SELECT_SCHEDULES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
 @dataclass
 class RuntimeConfig:
     """Speed-only knobs; none of these enters a fingerprint."""
@@ -248,6 +289,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tsloo: TsllooConfig = field(default_factory=TsllooConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -407,6 +449,7 @@ def validate(cfg: Config) -> None:
         _check(d.n_train >= 0, f"data.n_train must be >= 0 (got {d.n_train})")
         _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
         _check(d.max_docs >= 0, f"data.max_docs must be >= 0 (got {d.max_docs})")
+        _check(0.0 <= d.corrupt_fraction < 1.0, f"data.corrupt_fraction must be in [0, 1) (got {d.corrupt_fraction})")
         _check(
             0.0 < d.val_docs_fraction < 1.0,
             f"data.val_docs_fraction must be in (0, 1) (got {d.val_docs_fraction})",
@@ -474,6 +517,7 @@ def validate(cfg: Config) -> None:
     _check(b.val_points >= 0, f"baselines.val_points must be >= 0 (got {b.val_points})")
     for c in b.curvatures:
         _one_of(c, ("hessian", "gn", "ef", "mc", "none"), "baselines.curvatures[]")
+    _validate_select(cfg)
     r = cfg.runtime
     _one_of(r.device, ("cpu", "cuda", "auto"), "runtime.device")
     _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
@@ -489,13 +533,37 @@ def validate(cfg: Config) -> None:
 IMAGE_SHAPES = {"mnist": (784, 1, 28, 10), "cifar10": (3072, 3, 32, 10)}
 
 
+def _validate_select(cfg: Config) -> None:
+    sel = cfg.select
+    _one_of(sel.schedule, SELECT_SCHEDULES, "select.schedule")
+    for s in sel.schedules:
+        _one_of(s, SELECT_SCHEDULES, "select.schedules[]")
+    _check(len(sel.schedules) > 0 and len(set(sel.schedules)) == len(sel.schedules),
+           f"select.schedules must be distinct and not empty (got {sel.schedules})")
+    _check(len(sel.seeds) > 0 and len(set(sel.seeds)) == len(sel.seeds) and all(s >= 0 for s in sel.seeds),
+           f"select.seeds must be distinct non-negative integers (got {sel.seeds})")
+    _one_of(sel.score, ("dot", "cosine"), "select.score")
+    _one_of(sel.windows, ("phases", "fractions"), "select.windows")
+    _check(sel.pool_factor >= 1.0, f"select.pool_factor={sel.pool_factor} makes the pool smaller than the batch; "
+           "it must be >= 1")
+    _check(0.0 < sel.early_end <= 1.0, f"select.early_end must be in (0, 1] (a fraction of the run; got {sel.early_end})")
+    _check(0.0 <= sel.late_start < 1.0, f"select.late_start must be in [0, 1) (a fraction of the run; got {sel.late_start})")
+    _check(sel.val_batch > 0, f"select.val_batch must be > 0 (got {sel.val_batch})")
+    _check(sel.n_split >= sel.val_batch, f"select.n_split={sel.n_split} is smaller than select.val_batch={sel.val_batch}")
+    _check(sel.split_start >= -1, f"select.split_start must be -1 (automatic) or a row >= 0 (got {sel.split_start})")
+    _check(cfg.train.eval_every >= 0, f"train.eval_every must be >= 0 (got {cfg.train.eval_every})")
+
+
 def _validate_seeds(cfg: Config) -> None:
     seeds = {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed,
              "train.order_seed": cfg.train.order_seed, "model.init_seed": cfg.model.init_seed,
              "projection.seed": cfg.projection.seed, "embed.mc_seed": cfg.embed.mc_seed,
-             "tsloo.seed": cfg.tsloo.seed, "baselines.bootstrap_seed": cfg.baselines.bootstrap_seed}
+             "tsloo.seed": cfg.tsloo.seed, "baselines.bootstrap_seed": cfg.baselines.bootstrap_seed,
+             "select.seed": cfg.select.seed}
     if isinstance(cfg.data, ImageDataConfig):
         seeds["data.noise_seed"] = cfg.data.noise_seed
+    else:
+        seeds["data.corrupt_seed"] = cfg.data.corrupt_seed
     for key, value in seeds.items():
         _check(value >= 0, f"{key} must be >= 0 (got {value}): seeds are non-negative integers")
 
@@ -556,7 +624,8 @@ _SPEED_ONLY = {
 
 # Fields added after runs existed: left out of a fingerprint at the value every earlier run
 # used, so those runs keep their folders (any other value enters the fingerprint).
-_OMITTED_AT = {"embed": {"compute_dtype": "float64"}}
+_OMITTED_AT = {"embed": {"compute_dtype": "float64"}, "train": {"eval_every": 0},
+               "data": {"corrupt_fraction": 0.0, "corrupt_seed": 0}}
 
 
 def section(cfg: Config, name: str) -> dict[str, Any]:
@@ -589,6 +658,8 @@ def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
     trajectory["model"] = model
     trajectory["trajectory"] = {k: v for k, v in section(cfg, "trajectory").items() if k != "capture"}
     trajectory["seed"] = cfg.seed
+    if cfg.select.schedule != "never":  # a selecting run chooses its own batches
+        trajectory["select"] = {k: v for k, v in section(cfg, "select").items() if k not in ("schedules", "seeds")}
     train = dict(trajectory)
     if cfg.trajectory.capture:
         # Captured gradients are part of the training run's outputs.

@@ -16,6 +16,7 @@ Attention is the eager implementation: deterministic, and every linear layer is 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,6 +167,18 @@ def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str,
     return layers, description
 
 
+def corrupt_sequences(train: torch.Tensor, fraction: float, seed: int, vocab: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A copy of the training tokens [N, S] (int64, in memory) with ``round(fraction·N)``
+    sequences, chosen by ``default_rng([seed, 2])``, replaced by uniformly random ids below
+    the tokenizer's vocabulary; returns it and the replaced indices (sorted)."""
+    n, seq = train.shape
+    rng = np.random.default_rng([seed, 2])
+    idx = np.sort(rng.choice(n, size=round(fraction * n), replace=False))
+    out = np.array(train, dtype=np.int64)
+    out[idx] = rng.integers(0, vocab, size=(len(idx), seq))
+    return torch.from_numpy(out), idx
+
+
 def build_lm_task(cfg, device: str = "cpu"):
     """The language-model :class:`~dve_repro.tasks.Task`: packed sequences (targets = inputs,
     shifted inside the loss), a GPT-NeoX at θ_0, and the linear layers DVEmb captures."""
@@ -180,6 +193,10 @@ def build_lm_task(cfg, device: str = "cpu"):
     # Training tokens stay in the cache's memory map (Task.batch moves each batch to the
     # device); the small validation set lives on the device.
     train, val = data.train, data.val.to(device)
+    corrupted = np.zeros(0, dtype=np.int64)
+    if cfg.data.corrupt_fraction > 0:
+        train, corrupted = corrupt_sequences(train, cfg.data.corrupt_fraction, cfg.data.corrupt_seed,
+                                             data.tokenizer_vocab_size)
     return Task(
         kind="lm",
         model=model,
@@ -189,5 +206,9 @@ def build_lm_task(cfg, device: str = "cpu"):
         y_val=val,
         n_classes=cfg.model.vocab_size,
         description=f"{data.source_desc}; {len(train)} train / {len(val)} val sequences of {cfg.data.seq_len} tokens",
-        extra={"capture_layers": [n for n, _ in layers], "left_out": left_out, "text_fingerprint": data.fingerprint},
+        extra={"capture_layers": [n for n, _ in layers], "left_out": left_out, "text_fingerprint": data.fingerprint,
+               # the held-out documents' token stream (its first n_val rows are the validation
+               # set); online selection draws its own split from the documents after them
+               "heldout_stream": data.cache_path / "val.npy", "eot_id": data.eot_id,
+               "noisy_indices": corrupted},
     )

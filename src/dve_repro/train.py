@@ -10,6 +10,9 @@ Reads the config; writes a run directory ``<out_root>/<name>/train-<fingerprint>
 * ``metrics.csv`` — per epoch: train/val loss and accuracy;
 * ``labels.json`` — flipped training indices and their true labels (label noise);
 * ``grads/`` — projected per-sample gradients when ``trajectory.capture=true``;
+* ``curve.csv`` — validation loss every ``train.eval_every`` steps (when > 0);
+* ``selection.parquet`` — each selecting step's pool, scores and choice (``select.schedule``
+  ≠ never; see ``select.py``: the chosen indices are the trajectory's batches);
 * ``DONE`` — written last.
 
 One function, :func:`train_step`, executes a step for both training and replay, so a
@@ -48,6 +51,7 @@ Tensors = dict[str, torch.Tensor]
 # metrics.csv always has its header, even before the first epoch ends (a checkpoint written
 # mid-epoch 0 used to leave an empty file that read_csv rejects, so the run never resumed).
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc"]
+CURVE, SELECTION = "curve.csv", "selection.parquet"  # also named in select.py
 
 
 def autocast(dtype: str, device: torch.device | str):
@@ -125,8 +129,11 @@ def run_training(cfg: Config, force: bool = False) -> Path:
         task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
         plan = plan_batches(task.n_train, cfg.train)
         check_training(cfg, task, plan, device)
+        from dve_repro.select import make_selector
+
+        selector = make_selector(cfg, task, len(plan))  # refuses bad windows / splits before any write
         run.prepare(to_dict(cfg), device, force=force)
-        _train(cfg, run, task, plan, device)
+        _train(cfg, run, task, plan, device, selector)
     return run.final
 
 
@@ -214,7 +221,7 @@ def check_capture_budget(cfg: Config, task: Task, plan, device: str, ckpt_bytes:
                           f"its {gb(total)}; use embed.blocks=layer or a smaller projection")
 
 
-def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) -> None:
+def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, selector=None) -> None:
     T = len(plan)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, T)
     ckpts = set(checkpoint_schedule(plan, cfg.trajectory))
@@ -235,19 +242,28 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) ->
 
     capture = _make_capture(cfg, task, run.path, plan) if cfg.trajectory.capture else None
     metrics = _load_metrics(run.path, start)
+    every = cfg.train.eval_every
+    curve = _load_curve(run.path, start) if every else []
+    if every and start == 0:
+        curve.append({"step": 0, "val_loss": task.evaluate(params, task.x_val, task.y_val)[0]})
+    if selector is not None:
+        selector.resume(run.path, start)
     epoch_losses: list[float] = [r["loss"] for r in rows if r["epoch"] == (plan[start].epoch if start < T else -1)]
     t0 = time.perf_counter()
     with ui.bar("train", total=T, unit="step", completed=start) as bar:
         for t in range(start, T):
             s = plan[t]
-            x, y = task.batch(s.indices)
-            w = torch.full((len(s.indices),), 1.0 / len(s.indices), dtype=task.weight_dtype, device=x.device)
+            indices = s.indices if selector is None else selector.batch(t, params, s.indices, lrs[t])
+            x, y = task.batch(indices)
+            w = torch.full((len(indices),), 1.0 / len(indices), dtype=task.weight_dtype, device=x.device)
             if capture is not None:
                 params, state, losses = capture.step(task, params, state, t, x, y, w, lrs[t], cfg)
             else:
                 params, state, losses = train_step(task, params, state, t, x, y, w, lrs[t], cfg)
             loss = float(losses.mean())
-            rows.append({"step": t, "epoch": s.epoch, "pos": s.pos, "indices": s.indices.tolist(), "lr": lrs[t], "loss": loss})
+            rows.append({"step": t, "epoch": s.epoch, "pos": s.pos, "indices": indices.tolist(), "lr": lrs[t], "loss": loss})
+            if every and ((t + 1) % every == 0 or t + 1 == T):
+                curve.append({"step": t + 1, "val_loss": task.evaluate(params, task.x_val, task.y_val)[0]})
             epoch_losses.append(loss)
             bar.update(1, loss=loss)
             end_of_epoch = t + 1 == T or plan[t + 1].epoch != s.epoch
@@ -262,6 +278,10 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) ->
                     capture.store.commit(range(0, t + 1))
                 # metrics first: the trajectory rows are what marks a checkpoint resumable
                 artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
+                if every:
+                    artifacts.save_table(run.file(CURVE), pd.DataFrame(curve, columns=["step", "val_loss"]))
+                if selector is not None:
+                    artifacts.save_table(run.file(SELECTION), selector.frame())
                 artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
     if capture is not None:
         capture.store.close()  # every row written (θ_T is a checkpoint: committed above)
@@ -269,6 +289,14 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str) ->
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
                    "resumed_from": start})
     ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.final}")
+
+
+def _load_curve(run_dir: Path, start: int) -> list[dict]:
+    """Validation-curve points at or before step ``start`` (the resume point)."""
+    path = run_dir / CURVE
+    if start <= 0 or not path.is_file():
+        return []
+    return [c for c in artifacts.load_table(path).to_dict("records") if c["step"] <= start]
 
 
 def _load_metrics(run_dir: Path, start: int) -> list[dict]:
