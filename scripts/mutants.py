@@ -366,8 +366,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "train-weight-denominator",
         "train.py",
-        "1.0 / len(s.indices), dtype=task.weight_dtype",
-        "1.0 / (len(s.indices) + 1), dtype=task.weight_dtype",
+        "1.0 / len(indices), dtype=task.weight_dtype",
+        "1.0 / (len(indices) + 1), dtype=task.weight_dtype",
         "training loss averaged over |B_t| + 1",
     ),
     # ---------------------------------------------------------------- capture / grads / projection
