@@ -81,11 +81,7 @@ def _results_dir(cfg: Config, results: Path | None) -> Path:
 
 def _record_command(out: Path, key: str) -> None:
     """Keep one ``key: command`` line per output family in ``COMMAND.txt``."""
-    path = out / "COMMAND.txt"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    lines = [ln for ln in lines if not ln.startswith(f"{key}: ")]
-    lines.append(f"{key}: dve " + " ".join(sys.argv[1:]))
-    artifacts.write_text(path, "\n".join(lines) + "\n")
+    artifacts.record_command(out, key, "dve " + " ".join(sys.argv[1:]))
 
 
 def _save_figure(fig, out: Path, stem: str) -> None:

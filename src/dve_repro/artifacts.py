@@ -78,6 +78,16 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def record_command(folder: str | Path, key: str, command: str) -> None:
+    """Keep one ``key: command`` line per output family in ``folder/COMMAND.txt`` (the other
+    families' lines are kept: several commands write into one results folder)."""
+    path = Path(folder) / "COMMAND.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = [ln for ln in lines if not ln.startswith(f"{key}: ")]
+    lines.append(f"{key}: {command}")
+    write_text(path, "\n".join(lines) + "\n")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -123,8 +123,7 @@ def write_report(runs: list[dict], cfg: Config, out: Path, command: str) -> None
     artifacts.write_text(out / "selection.md", "\n".join(lines))
     _plot_curves(curves, out, cfg.name, early_end, late_start, T)
     _plot_gain_vs_cost(table, out, cfg.name)
-    lines_cmd = f"select: {command}\n"
-    artifacts.write_text(out / "COMMAND.txt", lines_cmd)
+    artifacts.record_command(out, "select", command)
 
 
 _COLORS = {"never": "tab:gray", "always": "tab:blue", "early_late": "tab:green", "early": "tab:orange",
