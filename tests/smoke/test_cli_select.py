@@ -56,3 +56,14 @@ def test_dve_select_refuses_bad_windows_before_training(tmp_path):
     assert not any(Path(root).rglob("trajectory.parquet")) if root.exists() else True
     res = CliRunner().invoke(app, ["select", *PROFILE, f"runtime.out_root={root}", "train.eval_every=0"])
     assert res.exit_code == 2 and "train.eval_every" in res.stderr
+
+
+def test_ad_hoc_overrides_never_write_the_committed_results(tmp_path):
+    from dve_repro.config import compose
+    from dve_repro.select import default_results
+
+    cfg = compose(["experiment=pythia_tiny_selection"])
+    assert default_results(cfg, ["experiment=pythia_tiny_selection", "runtime.progress=false"]) == \
+        Path("results/pythia_tiny_selection")
+    adhoc = default_results(cfg, ["experiment=pythia_tiny_selection", "select.seeds=[0]"])
+    assert adhoc.parent == Path(cfg.runtime.out_root) / "pythia_tiny_selection" and adhoc.name.startswith("select-")
