@@ -4,7 +4,8 @@ Sweeps use Hydra's multirun override syntax (``key=a,b,c``). :func:`expand_multi
 gives the full product, as ``hydra -m`` would; :func:`one_at_a_time` varies each swept key
 alone with every other key at its configured value, which is what a "correlation against
 each knob" figure needs. Each point is a full ``compare-tsloo`` run (cached in its own run
-directories); the small outputs are
+directories; a sweep of an embedding knob computes the unrolled methods and baselines once,
+their caches keyed by what each reads); the small outputs are
 
 * ``results/<name>/ablations/ablations.csv`` — one row per (knob, value, method, setting):
   Spearman and Pearson with the TSLOO ground truth;

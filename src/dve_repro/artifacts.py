@@ -53,7 +53,8 @@ MANIFEST = "MANIFEST.json"
 FULL_HASH_BELOW = 64 * 2**20
 #: Written before any work starts: a refused or empty run can be removed without loss.
 BOOKKEEPING = frozenset({"config.json", "env.json", "labels.json", "jobs.parquet", "meta.json"})
-_FP_NAME = re.compile(r"^(?P<stage>[a-z]+)-(?P<fp>[0-9a-f]{12})$")
+# ``<stage>-<fingerprint>``; the stage may have hyphenated parts (``method-unrolled-hessian-<fp>``).
+_FP_NAME = re.compile(r"^(?P<stage>[a-z]+(?:-[a-z0-9]+)*?)-(?P<fp>[0-9a-f]{12})$")
 
 
 @contextlib.contextmanager

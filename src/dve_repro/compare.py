@@ -1,9 +1,17 @@
 """Compare stage: every estimator against ground-truth TSLOO (paper §5.1, Fig. 3).
 
 Reads the training run, its embedding, and the TSLOO run (each made on demand); computes
-the full-dimension unrolled scores (``unroll.py``) and the baselines (``baselines.py``)
-into ``<out_root>/<name>/compare-<fingerprint>/`` (cached per method), then writes small
-results to ``results/<name>/``:
+the full-dimension unrolled scores (``unroll.py``) and the baselines (``baselines.py``),
+each cached in its own run folder ``<out_root>/<name>/method-<method>-<fingerprint>/``
+(``scores.npy``; locked, verified before reuse, rebuilt when damaged or with ``--force``)
+whose fingerprint covers exactly what that method reads (:func:`method_payload`): the
+recorded trajectory, the queries (``baselines.val_points``) and the method's own settings
+(curvature; ``mc`` seed and samples; the influence function's CG settings). So a change of
+the embedding recomputes only the embedding (``dvemb`` and ``dvemb-adamw-*`` are read from
+their embedding folders, keyed by the embed stage's fingerprint), a change of
+``baselines.if_damping`` only ``influence``, and the summary's ``baselines.bootstrap`` /
+``bootstrap_seed`` no method. The tables below are rebuilt from the cached scores on every
+run, then written as small results to ``results/<name>/``:
 
 * ``tidy.csv`` — one row per (point, setting, convention, method): estimate and ground truth
   for the mean validation loss;
@@ -25,6 +33,7 @@ Per-point baselines give one value whatever the setting: ``influence``, ``tracin
 
 from __future__ import annotations
 
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -41,38 +50,90 @@ from dve_repro.replay import TrainedRun
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
 
 
-def compare_dir(cfg: Config) -> Path:
-    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "compare", fingerprint(stage_payload(cfg, "compare")))
+SCORES = "scores.npy"
 
 
-def _cached(path: Path, compute) -> np.ndarray:
-    if path.is_file():
+def method_payload(cfg: Config, method: str, k: int) -> dict:
+    """What the cached scores of ``method`` depend on, and nothing else (its folder's key).
+
+    Every cached method reads the training run — only its trajectory (parameters at every
+    step: data, model, optimizer, schedule, loop, checkpoints, seed), not what was captured
+    with it — and the queries: the mean loss over the whole validation set, then the first
+    ``k`` validation points (``k`` = ``baselines.val_points`` capped at the validation set).
+    Besides: ``unrolled-*`` its curvature (``mc`` also ``embed.mc_samples`` and
+    ``embed.mc_seed``), ``influence`` the conjugate-gradient solve (``baselines.if_damping``,
+    ``cg_iters``, ``cg_tol``); ``tracin`` and ``grad-dot`` nothing more. The summary settings
+    (``baselines.bootstrap``, ``bootstrap_seed``), the embedding and the ground truth enter no key.
+    """
+    payload: dict = {"method": method, "trajectory": stage_payload(cfg, "trajectory"), "query_points": int(k)}
+    if method.startswith("unrolled-"):
+        curvature = method.rsplit("-", 1)[1]
+        payload["curvature"] = curvature
+        if curvature == "mc":
+            payload["mc"] = {"mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed}
+    elif method == "influence":
+        b = cfg.baselines
+        payload["influence"] = {"if_damping": b.if_damping, "cg_iters": b.cg_iters, "cg_tol": b.cg_tol}
+    elif method not in ("tracin", "grad-dot"):
+        raise ValueError(f"no cached scores for method {method!r}")
+    return payload
+
+
+def method_dir(cfg: Config, method: str, payload: dict) -> Path:
+    """``<out_root>/<name>/method-<method>-<fingerprint of its payload>/``."""
+    return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, f"method-{method}", fingerprint(payload))
+
+
+def cached_scores(cfg: Config, run: TrainedRun, method: str, k: int, compute, force: bool = False) -> np.ndarray:
+    """The scores of ``method`` from its own verified run folder, or ``compute(folder)`` into it.
+
+    The folder is locked while in use; a finished one is reused only when its manifest
+    verifies, and a damaged one (or ``force``) is rebuilt beside it and swapped in when
+    complete. ``compute`` may write side files (diagnostics) into the folder it is given."""
+    payload = method_payload(cfg, method, k)
+    rd = artifacts.RunDir(method_dir(cfg, method, payload), payload)
+    with rd.locked():
         try:
-            return artifacts.load_npy(path)
-        except DveError as exc:  # a cache: recomputing it gives the same values
-            ui.warn(f"warning: {exc}; recomputing it")
-    value = np.asarray(compute())
-    artifacts.save_npy(path, value)
+            rd.check()
+        except DveError as exc:  # its name is the payload's hash: an unreadable or other config.json is damage
+            ui.warn(f"warning: {rd.final} is damaged ({exc}); recomputing it")
+            shutil.rmtree(rd.final)
+        if rd.reusable(force):
+            try:
+                value = artifacts.load_npy(rd.final / SCORES)
+            except DveError as exc:  # a cache: recomputing it gives the same values
+                ui.warn(f"warning: {exc}; recomputing it")
+                force = True
+            else:
+                ui.log(f"reusing {method} scores from {rd.final}")
+                return value
+        rd.prepare(to_dict(cfg), run.device, force=force)
+        value = np.asarray(compute(rd.path))
+        artifacts.save_npy(rd.file(SCORES), value)
+        rd.mark_done({"method": method, "shape": list(value.shape)})
     return value
 
 
-def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
-                  per_point: bool = True) -> tuple[dict, dict]:
+def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = False,
+                  per_point: bool = True, folders: dict | None = None) -> tuple[dict, dict]:
     """Per-occurrence [N_occ, Q] and per-index [n_train, Q] scores of every method.
 
     Query 0 is the mean validation loss; queries 1..K the first K validation points.
     ``baselines.curvatures=[]`` skips the unrolled methods and ``per_point=False`` the
     per-point baselines (influence, TracIn, grad-dot): at language-model scale they cost
     full-dimension Hessian-vector products or per-sample gradients over the whole model.
+    ``dvemb`` is read from the embedding's folder; every other method from its own cache
+    (:func:`cached_scores`; ``force`` recomputes them). ``folders`` collects {method: folder}.
     """
+    folders = {} if folders is None else folders
     k = min(cfg.baselines.val_points, int(run.task.x_val.shape[0]))
     occ_scores: dict[str, np.ndarray] = {}
     mean = artifacts.load_table(embed_path / "scores.parquet")["score"].to_numpy()
     pts = artifacts.open_npy(embed_path / "scores_points.npy", "r")[:, :k]
     # On a momentum / AdamW / clipped run the paper's recursion is an SGD proxy: say so in its name.
     occ_scores[dvemb_name(run)] = np.concatenate([mean[:, None], pts], axis=1)
+    folders[dvemb_name(run)] = embed_path
     x_q, y_q = run.task.x_val, run.task.y_val
-    final = run.final_params()
     idx_scores: dict[str, np.ndarray] = {}
     curvatures = list(cfg.baselines.curvatures)
     if run.task.kind == "lm" and "gn" in curvatures:
@@ -80,13 +141,24 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
         curvatures.remove("gn")
     if not curvatures and not per_point and run.cfg.optim.name != "adamw":
         return occ_scores, idx_scores
-    q = unroll.query_gradients(run, final, x_q, y_q)
-    q = {n: v[: 1 + k] for n, v in q.items()}
+    queries: dict = {}
+
+    def q() -> dict:  # the query gradients at θ_T, computed once and only when a method needs them
+        if not queries:
+            grads = unroll.query_gradients(run, run.final_params(), x_q, y_q)
+            queries.update({n: v[: 1 + k] for n, v in grads.items()})
+        return queries
+
+    def cached(name: str, compute) -> np.ndarray:
+        value = cached_scores(cfg, run, name, k, compute, force)
+        folders[name] = method_dir(cfg, name, method_payload(cfg, name, k))
+        return value
+
     prefix = "unrolled-adamw-" if run.cfg.optim.name == "adamw" else "unrolled-"
     for c in curvatures:
-        occ_scores[f"{prefix}{c}"] = _cached(
-            cache / f"{prefix}{c}.npy",
-            lambda c=c: unroll.unrolled_scores(run, q, c, cfg.embed.mc_samples, cfg.embed.mc_seed),
+        occ_scores[f"{prefix}{c}"] = cached(
+            f"{prefix}{c}",
+            lambda _, c=c: unroll.unrolled_scores(run, q(), c, cfg.embed.mc_samples, cfg.embed.mc_seed),
         )
     b = cfg.baselines
     if run.cfg.optim.name == "adamw":
@@ -94,14 +166,15 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, cache: Path,
             occ_scores[f"dvemb-adamw-{kind}"] = _adamw_embedding_scores(cfg, run, kind, k)
     if not per_point:
         return occ_scores, idx_scores
-    def influence() -> np.ndarray:
-        values, diag = baselines.influence_function(run, q, b.if_damping, b.cg_iters, b.cg_tol)
-        artifacts.write_json(cache / "influence_cg.json", {**diag, "damping": b.if_damping, "tol": b.cg_tol})
+
+    def influence(folder: Path) -> np.ndarray:
+        values, diag = baselines.influence_function(run, q(), b.if_damping, b.cg_iters, b.cg_tol)
+        artifacts.write_json(folder / "influence_cg.json", {**diag, "damping": b.if_damping, "tol": b.cg_tol})
         return values
 
-    idx_scores["influence"] = _cached(cache / "influence.npy", influence)
-    idx_scores["tracin"] = _cached(cache / "tracin.npy", lambda: baselines.tracin(run, x_q, y_q, k))
-    idx_scores["grad-dot"] = _cached(cache / "grad-dot.npy", lambda: baselines.grad_dot(run, q))
+    idx_scores["influence"] = cached("influence", influence)
+    idx_scores["tracin"] = cached("tracin", lambda _: baselines.tracin(run, x_q, y_q, k))
+    idx_scores["grad-dot"] = cached("grad-dot", lambda _: baselines.grad_dot(run, q()))
     return occ_scores, idx_scores
 
 
@@ -261,22 +334,18 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     if not (gt_path / artifacts.DONE).is_file():
         return None
     embed_path = run_embedding(cfg, run)
-    rd = artifacts.RunDir(compare_dir(cfg), stage_payload(cfg, "compare"))
-    rd.check()
-    with rd.locked():
-        rd.reusable(force)  # verifies a finished folder's caches; a damaged one is rebuilt beside it
-        rd.prepare(to_dict(cfg), run.device, force=force)
-        return _compare(cfg, run, rd, gt_path, embed_path, results_dir, figures, per_point)
+    return _compare(cfg, run, gt_path, embed_path, results_dir, figures, per_point, force)
 
 
-def _compare(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, gt_path: Path, embed_path: Path,
-             results_dir: Path | None, figures: bool, per_point: bool | None) -> Path:
+def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, results_dir: Path | None,
+             figures: bool, per_point: bool | None, force: bool = False) -> Path:
     from dve_repro.tsloo import load_ground_truth
 
     jobs, truth = load_ground_truth(gt_path)
     if per_point is None:
         per_point = run.task.kind != "lm"
-    occ_scores, idx_scores = method_scores(cfg, run, embed_path, rd.path, per_point)
+    folders: dict[str, Path] = {}
+    occ_scores, idx_scores = method_scores(cfg, run, embed_path, force, per_point, folders)
     est = estimates(run, jobs, occ_scores, idx_scores)
     k = next(iter(est.values())).shape[1] - 1
     truth = truth[:, : 1 + k]
@@ -299,7 +368,7 @@ def _compare(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, gt_path: Path, 
     if figures:
         plot(summary, tidy, out, title)
     artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
-    if (rd.path / "influence_cg.json").is_file():  # did the inverse-Hessian solve converge?
-        artifacts.write_json(out / "influence_cg.json", artifacts.read_json(rd.path / "influence_cg.json"))
-    rd.mark_done({"results": str(out)})
+    cg = folders["influence"] / "influence_cg.json" if "influence" in folders else None
+    if cg is not None and cg.is_file():  # did the inverse-Hessian solve converge?
+        artifacts.write_json(out / "influence_cg.json", artifacts.read_json(cg))
     return out

@@ -671,6 +671,8 @@ def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
             "mc_seed": cfg.embed.mc_seed,
             **_capture_layers(cfg),
         }
+    if stage == "trajectory":  # the recorded run alone (what the compare stage's method caches read)
+        return trajectory
     if stage == "train":
         return train
     if stage == "embed":
@@ -678,7 +680,7 @@ def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
                 **_capture_layers(cfg)}
     if stage == "tsloo":
         return {"trajectory": trajectory, "tsloo": section(cfg, "tsloo")}
-    if stage == "compare":
+    if stage == "compare":  # the folders of an older dve (compare-<fingerprint>/), still verified
         return {"train": train, "tsloo": section(cfg, "tsloo"), "projection": section(cfg, "projection"),
                 "embed": section(cfg, "embed"), "baselines": section(cfg, "baselines")}
     raise ValueError(f"unknown stage {stage!r}")
