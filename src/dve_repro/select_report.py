@@ -65,9 +65,15 @@ def verdicts(table: pd.DataFrame, n_seeds: int) -> dict[str, str]:
     a = t.loc["always"]
     se = a["gain_sd"] / np.sqrt(n_seeds) if n_seeds > 1 else float("inf")
     if not a["gain_mean"] > RULES["always_gain_min_se"] * se:
-        why = (f"not tested: selecting always gains {a['gain_mean']:.4f} ± {a['gain_sd']:.4f} (sd over {n_seeds} "
-               "seeds), not more than 2 standard errors above zero")
-        return {"early_late": why, "early": why}
+        why = (f"not tested: selecting always gains {a['gain_mean']:+.4f} ± {a['gain_sd']:.4f} (sd over {n_seeds} "
+               "seeds), not more than 2 standard errors above zero, so there is no gain to recover a fraction of")
+        out = {"early_late": why, "early": why}
+        for s in ("early_late", "early"):
+            if s in t.index:
+                e = t.loc[s]
+                out[s] += (f"; {s} itself gains {e['gain_mean']:+.4f} ± {e['gain_sd']:.4f} at {e['cost_fraction']:.3f} "
+                           "of always' selection cost")
+        return out
     out = {}
     if "early_late" in t.index:
         e = t.loc["early_late"]

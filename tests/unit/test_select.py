@@ -271,3 +271,32 @@ def test_corrupt_sequences_replaces_exactly_the_recorded_rows():
     assert compose(["experiment=pythia_tiny_selection_noisy"]).data.corrupt_fraction == 0.5
     with pytest.raises(ConfigError, match=r"data\.corrupt_fraction"):
         compose(["experiment=pythia_tiny_selection", "data.corrupt_fraction=1.0"])
+
+
+def _runs(losses: dict[str, list[float]], cand: dict[str, int]) -> pd.DataFrame:
+    return pd.DataFrame([{"schedule": s, "seed": k, "final_val_loss": v, "selecting_steps": cand[s] // 32,
+                          "candidate_grads": cand[s], "select_seconds": cand[s] / 100.0}
+                         for s, vals in losses.items() for k, v in enumerate(vals)])
+
+
+def test_gain_fractions_and_verdicts_follow_their_written_rules():
+    from dve_repro.select_report import summary_table, verdicts
+
+    cand = {"never": 0, "always": 6400, "early_late": 896, "early": 224}
+    runs = _runs({"never": [5.0, 5.1, 4.9], "always": [4.8, 4.9, 4.7], "early_late": [4.82, 4.92, 4.72],
+                  "early": [4.9, 5.0, 4.8]}, cand)
+    t = summary_table(runs).set_index("schedule")
+    assert t.loc["always", "gain_fraction"] == pytest.approx(1.0)
+    assert t.loc["early_late", "gain_fraction"] == pytest.approx(0.18 / 0.2)
+    assert t.loc["early", "gain_fraction"] == pytest.approx(0.5)
+    assert t.loc["early_late", "cost_fraction"] == pytest.approx(896 / 6400)
+    v = verdicts(summary_table(runs), 3)
+    assert v["early_late"].startswith("holds") and v["early"].startswith("holds")
+    worse = _runs({"never": [5.0, 5.1, 4.9], "always": [4.8, 4.9, 4.7], "early_late": [4.95, 5.05, 4.85],
+                   "early": [4.99, 5.09, 4.89]}, cand)
+    v = verdicts(summary_table(worse), 3)
+    assert v["early_late"].startswith("does not hold") and v["early"].startswith("does not hold")
+    hurts = _runs({"never": [5.0, 5.1, 4.9], "always": [5.1, 5.15, 4.95], "early_late": [4.99, 5.09, 4.89],
+                   "early": [4.99, 5.09, 4.89]}, cand)
+    v = verdicts(summary_table(hurts), 3)
+    assert v["early_late"].startswith("not tested") and "early_late itself gains +0.0100" in v["early_late"]
