@@ -48,7 +48,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             "final_loss_sd": float(loss[s].std(ddof=1)) if len(g) > 1 else float("nan"),
             "gain_mean": float(g.mean()),
             "gain_sd": float(g.std(ddof=1)) if len(g) > 1 else float("nan"),
-            "gain_fraction": float(g.mean() / g_always) if g_always else float("nan"),
+            "gain_fraction": float(g.mean() / g_always) + 0.0 if g_always else float("nan"),  # + 0.0: no "-0"
             "gain_fraction_sd": float((g / g_always).std(ddof=1)) if g_always and len(g) > 1 else float("nan"),
             "cost_fraction": float(cand[s] / cand["always"]) if cand["always"] else float("nan"),
             "select_seconds": float(secs[s]),
