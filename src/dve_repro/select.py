@@ -325,6 +325,9 @@ def _summarise_run(path: Path, schedule: str, seed: int) -> dict:
         "candidate_grads": int(frame["n_candidates"].sum()) if len(frame) else 0,
         "select_seconds": float(frame["seconds"].sum()) if len(frame) else 0.0,
         "train_seconds": float(done.get("seconds", float("nan"))),
+        # selecting draws with replacement across steps: how many distinct points were trained on
+        "distinct_points": len(np.unique(np.concatenate([np.asarray(b) for b in
+                                                             artifacts.load_table(path / "trajectory.parquet")["indices"]]))),
         "curve": curve[["step", "val_loss"]],
     }
     if noisy and len(frame):

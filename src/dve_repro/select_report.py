@@ -54,6 +54,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             "select_seconds": float(secs[s]),
             "seconds_fraction": float(secs[s] / secs["always"]) if secs["always"] else float("nan"),
         })
+        if "distinct_points" in runs:
+            rows[-1]["distinct_points"] = float(runs.loc[runs.schedule == s, "distinct_points"].mean())
         if "chosen_corrupted" in runs:
             rows[-1]["chosen_corrupted"] = float(runs.loc[runs.schedule == s, "chosen_corrupted"].mean())
     return pd.DataFrame(rows)
@@ -118,7 +120,10 @@ def write_report(runs: list[dict], cfg: Config, out: Path, command: str) -> None
         + (" — the warm-up and late regions of `dve analyze phases`." if sel.windows == "phases" else "."), "",
         "Gain = final validation loss of `never` − that of the schedule (paired by seed); gain fraction = mean "
         "gain ÷ mean gain of `always` (± its sd over seeds); cost fraction = candidate gradients ÷ those of "
-        "`always`; seconds = time spent selecting (pool gradients, scores), mean over seeds.", "",
+        "`always`; seconds = time spent selecting (pool gradients, scores), mean over seeds; distinct_points = "
+        "training points trained on at least once (a selecting step may pick a point another step already "
+        "used)" + ("; chosen_corrupted = share of the chosen candidates that are planted random-token sequences "
+                   "(the pools hold data.corrupt_fraction of them)" if "chosen_corrupted" in frame else "") + ".", "",
         markdown_table(table, "{:.4g}"), "",
         "## The paper's claims at this scale", "",
         f"Rules: early+late holds when its gain fraction ≥ {RULES['early_late_min_gain']} at a cost fraction ≤ "

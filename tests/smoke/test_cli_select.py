@@ -30,6 +30,7 @@ def test_dve_select_writes_its_table_figures_and_claims(tmp_path, one_thread):
     steps = runs.groupby("schedule")["selecting_steps"].first().to_dict()
     assert steps == {"never": 0, "always": T, "early_late": 4, "early": 2, "late": 2}
     assert (runs["candidate_grads"] == runs["selecting_steps"] * 4 * 32).all()  # pool 4 × batch 32
+    assert (runs.loc[runs.schedule == "never", "distinct_points"] == 256).all()  # plain epochs see every point
     curves = pd.read_csv(results / "curves.csv")
     final = curves[curves.step == T].set_index(["schedule", "seed"])["val_loss"]
     np.testing.assert_allclose(runs.set_index(["schedule", "seed"])["final_val_loss"], final.loc[
