@@ -66,6 +66,15 @@ def verdicts(table: pd.DataFrame, n_seeds: int) -> dict[str, str]:
     t = table.set_index("schedule")
     a = t.loc["always"]
     se = a["gain_sd"] / np.sqrt(n_seeds) if n_seeds > 1 else float("inf")
+    if n_seeds < 2:
+        why = "not tested: one seed gives no spread to compare the gains with (run select.seeds with 2 or more)"
+        out = {"early_late": why, "early": why}
+        for s in ("early_late", "early"):
+            if s in t.index:
+                e = t.loc[s]
+                out[s] += (f"; {s} gains {e['gain_mean']:+.4f} = {e['gain_fraction']:.2f} of always' "
+                           f"{a['gain_mean']:+.4f} at {e['cost_fraction']:.3f} of its selection cost")
+        return out
     if not a["gain_mean"] > RULES["always_gain_min_se"] * se:
         why = (f"not tested: selecting always gains {a['gain_mean']:+.4f} ± {a['gain_sd']:.4f} (sd over {n_seeds} "
                "seeds), not more than 2 standard errors above zero, so there is no gain to recover a fraction of")

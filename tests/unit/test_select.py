@@ -300,3 +300,5 @@ def test_gain_fractions_and_verdicts_follow_their_written_rules():
                    "early": [4.99, 5.09, 4.89]}, cand)
     v = verdicts(summary_table(hurts), 3)
     assert v["early_late"].startswith("not tested") and "early_late itself gains +0.0100" in v["early_late"]
+    one = verdicts(summary_table(runs[runs.seed == 0]), 1)
+    assert one["early"].startswith("not tested: one seed") and "0.50 of always'" in one["early"]
