@@ -26,8 +26,9 @@ treat a selected run like any other; ``selection.parquet`` keeps each selecting 
 validation batch, scores and cost.
 
 Windows (``select.windows``): ``phases`` = the regions ``dve analyze phases`` reports — the
-warm-up steps (t < ``schedule.warmup_steps``, the high-influence phase) and the last tenth
-of the run (the late rise); ``fractions`` = [0, early_end·T) and [late_start·T, T).
+warm-up steps (t < ``schedule.warmup_steps``, the paper's high-influence phase; check the
+run's phases figure, the peak can come later) and the last tenth of the run (the late rise);
+``fractions`` = [0, early_end·T) and [late_start·T, T).
 Schedules: ``always`` every step, ``early_late`` both windows, ``early`` / ``late`` one.
 
 The selection split never overlaps the evaluation split: for a language model it is
