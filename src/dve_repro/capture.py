@@ -55,12 +55,7 @@ class Featurizer:
         """Rows ``r_i ∇ℓ(θ, x_i, y_i)`` (``r_i`` = ``row_weights`` or 1), projected: [B, p̃]."""
         task = self.task
         if self.engine == "hooks":
-            p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            ones = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
-            r = ones if row_weights is None else row_weights
-            with LinearFactorHooks(task.model, self.blocks) as hooks:
-                (task.per_sample_loss(p, x, y) * r).sum().backward()
-            return self.from_factors(hooks.factors(ones))
+            return self.from_factors(hook_factors(task, self.blocks, params, x, y, row_weights))
         grads = per_sample_grads_func(task.per_sample_loss, params, x, y, self.blocks)
         out = self.projector.project_blocks(grads)
         return out if row_weights is None else out * row_weights[:, None]
@@ -90,6 +85,18 @@ class Featurizer:
         else:
             raise ValueError(kind)
         return torch.stack(rows, dim=1).reshape(-1, rows[0].shape[-1])
+
+
+def hook_factors(task: Task, blocks: list[Block], params: dict, x: torch.Tensor, y: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One batched backward of ``Σ_i r_i ℓ(θ, z_i)``: the factors ``{block: (a, b)}`` of each
+    sample's gradient ``r_i ∇_W ℓ_i = Σ_s (r_i b_s) a_sᵀ`` (see :class:`LinearFactorHooks`)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    ones = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
+    r = ones if row_weights is None else row_weights
+    with LinearFactorHooks(task.model, blocks) as hooks:
+        (task.per_sample_loss(p, x, y) * r).sum().backward()
+    return hooks.factors(ones)
 
 
 def curvature_rows_per_point(kind: str, n_classes: int, mc_samples: int) -> int:
