@@ -62,29 +62,35 @@ class Featurizer:
 
     def curvature(self, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int, seed: int) -> torch.Tensor:
         """Curvature factor rows, point-major: [B·R, p̃] (R = C for gn, k for mc)."""
-        task = self.task
-        with torch.no_grad():
-            logits = task.logits(params, x)
-            probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
-        if kind == "gn":
-            if task.kind != "classify":
-                raise DveError("embed.curvature=gn is defined for classifiers; use ef or mc for language models")
-            C = probs.shape[-1]
-            rows = [self.features(params, x, torch.full_like(y, c), probs[:, c].sqrt()) for c in range(C)]
-        elif kind == "mc":
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            rows = []
-            for _ in range(k):
-                flat = probs.reshape(-1, probs.shape[-1]).double().cpu()
-                draw = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(y.device)
-                if task.kind == "lm":
-                    # token s+1 is predicted at position s: targets are shifted by one
-                    draw = torch.cat([y[:, :1], draw[:, :-1]], dim=1)
-                scale = torch.full((x.shape[0],), 1.0 / math.sqrt(k), dtype=probs.dtype, device=x.device)
-                rows.append(self.features(params, x, draw, scale))
-        else:
-            raise ValueError(kind)
+        rows = [self.features(params, x, labels, weights)
+                for labels, weights in curvature_targets(self.task, params, x, y, kind, k, seed)]
         return torch.stack(rows, dim=1).reshape(-1, rows[0].shape[-1])
+
+
+def curvature_targets(task: Task, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int,
+                      seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The R (labels, row weights) pairs whose weighted per-sample gradients are the curvature
+    factor rows (module docstring): gn ``(c, √p_c)`` for every class c, mc ``k`` label draws
+    from the model's prediction (generator seeded with ``seed``) with weight ``1/√k``."""
+    with torch.no_grad():
+        logits = task.logits(params, x)
+        probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
+    if kind == "gn":
+        if task.kind != "classify":
+            raise DveError("embed.curvature=gn is defined for classifiers; use ef or mc for language models")
+        return [(torch.full_like(y, c), probs[:, c].sqrt()) for c in range(probs.shape[-1])]
+    if kind != "mc":
+        raise ValueError(kind)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(k):
+        flat = probs.reshape(-1, probs.shape[-1]).double().cpu()
+        draw = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(y.device)
+        if task.kind == "lm":
+            # token s+1 is predicted at position s: targets are shifted by one
+            draw = torch.cat([y[:, :1], draw[:, :-1]], dim=1)
+        out.append((draw, torch.full((x.shape[0],), 1.0 / math.sqrt(k), dtype=probs.dtype, device=x.device)))
+    return out
 
 
 def hook_factors(task: Task, blocks: list[Block], params: dict, x: torch.Tensor, y: torch.Tensor,
