@@ -169,7 +169,8 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     results.mkdir(parents=True, exist_ok=True)
     artifacts.save_table(results / "decomposition.csv", table)
     artifacts.write_text(results / "decomposition.md", _markdown(table, cfg, run))
-    _plot(table, results)
+    _plot(table, results, projectors_for(cfg, run, blocks, [Setting("ef", "kronecker", cfg.projection.k_out,
+                                                                     cfg.projection.k_in, "full")]))
     artifacts.write_text(results / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
     return results
 
@@ -185,7 +186,9 @@ def _markdown(table: pd.DataFrame, cfg: Config, run: TrainedRun) -> str:
     wide.columns = [f"{c}-epoch" if c in ("single", "all") else c for c in wide.columns]
     cols = [c for c in ["curvature", "projection", "k_out", "k_in", "p_tilde", "blocks", "single-epoch",
                         "all-epoch"] if c in wide.columns]
-    wide = wide[cols].sort_values(["curvature", "blocks", "projection", "p_tilde"], kind="stable")
+    order = {"none": 0, "kronecker": 1, "kfac": 2}
+    wide = wide[cols].sort_values(["curvature", "blocks", "projection", "p_tilde"], kind="stable",
+                                  key=lambda col: col.map(order) if col.name == "projection" else col)
     head = (f"# Projection-fidelity decomposition: {cfg.name} ({run.task.description})\n\n"
             "Spearman with retrained TSLOO (mean validation loss, keep convention, bootstrap 95% interval) of "
             "DVEmb's recursion, matrix-free, per curvature, projection (none = the exact gradient, p̃ = p), "
@@ -195,7 +198,8 @@ def _markdown(table: pd.DataFrame, cfg: Config, run: TrainedRun) -> str:
     return head + markdown_table(wide)
 
 
-def _plot(table: pd.DataFrame, out: Path) -> None:
+def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
+    """Spearman against p̃; the dotted line marks the configured projection's p̃."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,6 +221,8 @@ def _plot(table: pd.DataFrame, out: Path) -> None:
             if len(base):
                 ax.axhline(float(base["spearman"].iloc[0]), color="black", ls=ls, lw=0.8,
                            label=f"unprojected, M {blocks}")
+        for p in configured.values():
+            ax.axvline(p.out_dim, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_title(f"{cv}, {st}-epoch removal", fontsize=9)
         ax.set_xlabel("p̃ (stored numbers per occurrence)", fontsize=8)
