@@ -40,6 +40,9 @@ from dve_repro.projection import FittedBasis, Projector, _gaussian, _seed
 from dve_repro.replay import TrainedRun, replay
 
 BASIS = "basis.safetensors"
+# Largest factor whose dense [d, d] second moment is fitted (512 MB in float64); an
+# embedding's input side (token ids) is diagonal and has no limit.
+MAX_MOMENT_DIM = 8192
 
 
 def make_projector(cfg: Config, run: TrainedRun, blocks: list[Block]) -> Projector:
@@ -89,6 +92,13 @@ def fit_basis(cfg: Config, run: TrainedRun, blocks: list[Block]) -> tuple[dict[s
     steps = p.fit_steps or run.T
     if steps > run.T:
         raise DveError(f"projection.fit_steps={p.fit_steps} is larger than the run's {run.T} steps")
+    for b in blocks:  # a dense second moment of a vocabulary-sized factor would not fit
+        sides = [("output", b.shape[0])] + ([("input", b.shape[1])] if b.kind == "linear" else [])
+        for side, d in sides:
+            if d > MAX_MOMENT_DIM:
+                raise DveError(f"projection.kind={p.kind}: the {side} factor of layer {b.name} has {d:,} dimensions, "
+                               f"more than the {MAX_MOMENT_DIM:,} whose second moment is fitted; capture fewer layers "
+                               "(e.g. model.capture_layers=all) or use projection.kind=kronecker")
     moments, n = factor_moments(run, blocks, steps)
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, dict] = {}
@@ -149,7 +159,8 @@ def top_directions(moment: torch.Tensor, k: int, n_random: int, seed: int) -> tu
     to them and to each other."""
     if moment.dim() == 1:  # diagonal: the eigenvectors are coordinate axes (ties by index)
         vals, order = torch.sort(moment, descending=True, stable=True)
-        vecs = torch.eye(moment.shape[0], dtype=torch.float64)[order[: k - n_random]]
+        vecs = torch.zeros(k - n_random, moment.shape[0], dtype=torch.float64)
+        vecs[torch.arange(k - n_random), order[: k - n_random]] = 1.0
     else:
         vals, vecs = torch.linalg.eigh(moment.double())
         vals, vecs = vals.flip(0), vecs.flip(1).T[: k - n_random]
