@@ -235,3 +235,51 @@ def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
         with artifacts.atomic_path(out / f"decomposition.{ext}") as tmp:
             fig.savefig(tmp, dpi=130, format=ext)
     plt.close(fig)
+
+
+def collect_stored(root: Path) -> Path:
+    """``root/stored.{csv,md}``: for every ``root/<setting>/`` written by ``dve compare-tsloo …
+    --results root/<setting>``, the stored embedding's (``dvemb``) Spearman with its interval
+    (keep convention), p̃, storage of E and the gradients, and its times (basis fit, capture,
+    Algorithm 1, scoring), read from the folders its ``COMMAND.txt`` names."""
+    from dve_repro.compare import markdown_table
+    from dve_repro.config import compose
+    from dve_repro.embed import embed_dir
+    from dve_repro.projection_fit import basis_dir
+    from dve_repro.tasks import build_task
+    from dve_repro.train import capture_blocks
+
+    rows = []
+    for folder in sorted(p for p in Path(root).iterdir() if (p / "summary.csv").is_file() and (p / "COMMAND.txt").is_file()):
+        words = (folder / "COMMAND.txt").read_text().split()
+        cfg = compose([w for w in words if "=" in w and not w.startswith("-")])
+        emb = embed_dir(cfg)
+        meta = artifacts.read_json(emb / "embedding.json")
+        fit_s = float("nan")
+        if cfg.projection.kind == "kfac":
+            blocks = capture_blocks(build_task(cfg))
+            fit_s = artifacts.read_json(basis_dir(cfg, blocks) / "basis.json")["fit_s"]
+        summary = artifacts.load_table(folder / "summary.csv")
+        row = {"setting": folder.name, "projection": cfg.projection.kind, "k_out": cfg.projection.k_out,
+               "k_in": cfg.projection.k_in, "curvature": cfg.embed.curvature, "blocks": cfg.embed.blocks,
+               "p_tilde": meta["p_tilde"]}
+        for st in ("single", "all"):
+            r = summary[(summary["method"] == "dvemb") & (summary["setting"] == st) & (summary["convention"] == "keep")]
+            r = r.iloc[0]
+            row[f"{st}-epoch"] = f"{r.spearman:.3f} [{r.spearman_lo:.3f}, {r.spearman_hi:.3f}]"
+        t = meta["timings"]
+        row.update({"E_MB": (emb / "E.npy").stat().st_size / 1e6, "gradients_MB": meta["gradient_bytes"] / 1e6,
+                    "fit_s": fit_s, "capture_s": t["capture_s"], "algorithm_s": t["algorithm_s"],
+                    "scoring_s": t["scoring_s"]})
+        rows.append(row)
+    if not rows:
+        raise DveError(f"no compare-tsloo results (summary.csv + COMMAND.txt) under {root}")
+    table = pd.DataFrame(rows)
+    artifacts.save_table(Path(root) / "stored.csv", table)
+    head = ("# Stored embeddings (dvemb) on E1 against retrained TSLOO\n\n"
+            "Spearman (mean validation loss, keep convention, bootstrap 95% interval) of each `<setting>/`"
+            " folder's stored embedding; its command is `<setting>/COMMAND.txt`. Storage: E.npy (float64) and"
+            " the projected gradients (G and curvature rows) of the replayed capture; times in seconds on this"
+            " machine (fit_s: the kfac basis, one replay; nan for the seeded projections).\n\n")
+    artifacts.write_text(Path(root) / "stored.md", head + markdown_table(table, fmt="{:.1f}"))
+    return Path(root) / "stored.md"
