@@ -1,4 +1,5 @@
-"""Fitted projection stage: the K-FAC eigenbasis of a recorded run (``projection.kind=kfac``).
+"""Fitted projection stage: the K-FAC eigenbasis (``projection.kind=kfac``) or the principal
+components (``pca``) of a recorded run's gradient factors.
 
 Reads a finished training run. Replays steps ``[0, fit_steps)`` (all steps when 0) and,
 before each step, takes every captured layer's per-sample hook factors at ``θ_t`` (inputs
@@ -7,7 +8,10 @@ true labels) to average the two second moments per layer, over the occurrences o
 
     A = E[Σ_s a_s a_sᵀ]  [d_in + 1, d_in + 1],   B = E[Σ_s b_s b_sᵀ]  [d_out, d_out]
 
-(the K-FAC factors; for an ``nn.Embedding`` A is the diagonal of token counts). The rows of
+(the K-FAC factors, which LoGra's "PCA initialisation" uses; for an ``nn.Embedding`` A is the
+diagonal of token counts). ``pca`` centres them first (A − S μ_a μ_aᵀ with μ_a the per-token
+mean and S the tokens per occurrence; textbook PCA, which drops the mean direction the
+gradient's bias column and the mean image live in; not for embeddings). The rows of
 the layer's ``P_in`` / ``P_out`` are the top ``k_in`` / ``k_out`` eigenvectors (each capped at
 the factor's size; descending eigenvalue, the largest-magnitude entry made positive), the
 last ``round(random_fraction · k)`` of them replaced by Gaussian directions from
@@ -28,6 +32,7 @@ projection's settings; the basis is deterministic given them (same device and li
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,11 +104,15 @@ def fit_basis(cfg: Config, run: TrainedRun, blocks: list[Block]) -> tuple[dict[s
                 raise DveError(f"projection.kind={p.kind}: the {side} factor of layer {b.name} has {d:,} dimensions, "
                                f"more than the {MAX_MOMENT_DIM:,} whose second moment is fitted; capture fewer layers "
                                "(e.g. model.capture_layers=all) or use projection.kind=kronecker")
-    moments, n = factor_moments(run, blocks, steps)
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, dict] = {}
+    if p.kind == "pca" and any(b.kind == "embedding" for b in blocks):
+        emb = next(b.name for b in blocks if b.kind == "embedding")
+        raise DveError(f"projection.kind=pca cannot centre the token factor of the embedding {emb} (its "
+                       "covariance is dense, vocabulary-sized); use projection.kind=kfac")
+    moments, n = factor_moments(run, blocks, steps)
     for i, b in enumerate(blocks):
-        A, B = moments[b.name]
+        A, B = moments[b.name].matrices(centered=p.kind == "pca")
         (d_out, d_in), k_out, k_in = b.shape, min(p.k_out, b.shape[0]), min(p.k_in, b.shape[1])
         p_out, ev_out = top_directions(B, k_out, round(p.random_fraction * k_out), _seed(p.seed, i, 11))
         p_in, ev_in = top_directions(A, k_in, round(p.random_fraction * k_in), _seed(p.seed, i, 12))
@@ -130,20 +139,42 @@ def factor_moments(run: TrainedRun, blocks: list[Block], steps: int) -> tuple[di
             B = torch.einsum("nso,nsp->op", b, b)
             if a.is_floating_point():
                 a = a.double()
-                A = torch.einsum("nsi,nsj->ij", a, a)
+                A, sa = torch.einsum("nsi,nsj->ij", a, a), a.sum((0, 1))
             else:  # token ids: the one-hot second moment is diagonal, the counts
                 A = torch.bincount(a.reshape(-1), minlength=_block(blocks, name).shape[1]).double()
-            if name in sums:
-                sums[name][0] += A
-                sums[name][1] += B
-            else:
-                sums[name] = [A, B]
+                sa = A
+            new = [A, B, sa, b.sum((0, 1)), b.shape[0] * b.shape[1]]
+            sums[name] = new if name not in sums else [u + v for u, v in zip(sums[name], new, strict=True)]
         count[0] += int(x.shape[0])
 
     with ui.bar("fit projection (replay)", total=steps, unit="step") as bar:
         replay(run, start=0, stop=steps, before_step=lambda t, params: (before(t, params), bar.update(1)))
     n = count[0]
-    return {k: (A.cpu() / n, B.cpu() / n) for k, (A, B) in sums.items()}, n
+    return {k: FactorMoments(A.cpu() / n, B.cpu() / n, sa.cpu() / rows, sb.cpu() / rows, rows / n)
+            for k, (A, B, sa, sb, rows) in sums.items()}, n
+
+
+@dataclass
+class FactorMoments:
+    """One layer's factor statistics per occurrence: second moments A = E[Σ_s a_s a_sᵀ] (a vector
+    of token frequencies for an embedding) and B = E[Σ_s b_s b_sᵀ], the per-token means of a and
+    b, and the tokens per occurrence S (1 for vectors)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    mean_a: torch.Tensor
+    mean_b: torch.Tensor
+    tokens: float
+
+    def matrices(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B), or the covariances A − S μ_a μ_aᵀ, B − S μ_b μ_bᵀ when ``centered`` (pca)."""
+        if not centered:
+            return self.A, self.B
+        if self.A.dim() == 1:
+            raise DveError("projection.kind=pca cannot centre an embedding's token factor (its covariance is "
+                           "dense, vocabulary-sized); use projection.kind=kfac")
+        return (self.A - self.tokens * torch.outer(self.mean_a, self.mean_a),
+                self.B - self.tokens * torch.outer(self.mean_b, self.mean_b))
 
 
 def _block(blocks: list[Block], name: str) -> Block:
