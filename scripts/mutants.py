@@ -374,8 +374,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "gn-rows-no-sqrt",
         "capture.py",
-        "probs[:, c].sqrt()) for c in range(C)]",
-        "probs[:, c]) for c in range(C)]",
+        "probs[:, c].sqrt()) for c in range(probs.shape[-1])]",
+        "probs[:, c]) for c in range(probs.shape[-1])]",
         "Gauss-Newton factor rows scaled by p_c instead of √p_c",
     ),
     M(
