@@ -236,7 +236,7 @@ def decompose_projection(
     overrides: list[str] = OverridesArg,
     results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>/decomposition)."),
     curvatures: str = typer.Option("ef,gn,mc", "--curvatures", help="Comma-separated: ef, gn, mc."),
-    kinds: str = typer.Option("kronecker,kfac", "--kinds", help="Comma-separated projections: kronecker, kfac, pca."),
+    kinds: str = typer.Option("kronecker,kfac", "--kinds", help="Comma-separated projections: kronecker, kfac, pca, gradcov."),
     sizes: str = typer.Option("32x32,32x64,32x128,16x256,32x256,32x512", "--sizes",
                               help="Comma-separated per-layer sizes K_OUTxK_IN (capped at each layer's)."),
 ) -> None:

@@ -113,8 +113,8 @@ class GPTNeoXModelConfig:
 
 
 #: projection.kind options; the fitted ones are estimated from a finished run (projection_fit.py).
-PROJECTION_KINDS = ("none", "dense", "kronecker", "kfac", "pca")
-FITTED_PROJECTIONS = ("kfac", "pca")
+PROJECTION_KINDS = ("none", "dense", "kronecker", "kfac", "pca", "gradcov")
+FITTED_PROJECTIONS = ("kfac", "pca", "gradcov")
 
 # The options of GPTNeoXModelConfig.capture_layers (their meaning: lm.CAPTURE_LAYERS).
 LM_CAPTURE_LAYERS = ("all", "mlp", "all+head", "all+head+embed")
@@ -169,7 +169,8 @@ class TrajectoryConfig:
 class ProjectionConfig:
     # none | dense | kronecker (random Gaussian factors) | kfac (per layer: top eigenvectors of
     # the input- and output-gradient-factor second moments, fitted from the recorded run by a
-    # replay and stored with the embedding's run: projection_fit.py) | pca (the same, centred)
+    # replay and stored with the embedding's run: projection_fit.py) | pca (the same, centred) |
+    # gradcov (eigenvectors of the gradient second moment's partial traces E[GᵀG], E[GGᵀ])
     kind: str = "kronecker"
     dim: int = 1024  # dense: output dimension
     k_in: int = 128  # kronecker: projected input-factor size per layer (capped at the layer's)

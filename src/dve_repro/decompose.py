@@ -37,7 +37,7 @@ import torch
 
 from dve_repro import artifacts, ui
 from dve_repro.capture import curvature_targets, hook_factors
-from dve_repro.config import Config, ProjectionConfig
+from dve_repro.config import FITTED_PROJECTIONS, Config, ProjectionConfig
 from dve_repro.errors import DveError
 from dve_repro.grads import FACTOR_KINDS
 from dve_repro.projection import Projector
@@ -143,8 +143,8 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
         if c not in ("ef", "gn", "mc"):
             raise DveError(f"--curvatures: {c!r} is not one of ef, gn, mc")
     for k in kinds:
-        if k not in ("kronecker", "kfac", "pca"):
-            raise DveError(f"--kinds: {k!r} is not one of kronecker, kfac, pca")
+        if k not in ("kronecker", "kfac", "pca", "gradcov"):
+            raise DveError(f"--kinds: {k!r} is not one of kronecker, kfac, pca, gradcov")
     run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
     jobs, truth = load_ground_truth(run_tsloo(cfg, run))
     blocks = capture_blocks(run.task)
@@ -186,7 +186,7 @@ def _markdown(table: pd.DataFrame, cfg: Config, run: TrainedRun) -> str:
     wide.columns = [f"{c}-epoch" if c in ("single", "all") else c for c in wide.columns]
     cols = [c for c in ["curvature", "projection", "k_out", "k_in", "p_tilde", "blocks", "single-epoch",
                         "all-epoch"] if c in wide.columns]
-    order = {"none": 0, "kronecker": 1, "kfac": 2, "pca": 3}
+    order = {"none": 0, "kronecker": 1, "kfac": 2, "pca": 3, "gradcov": 4}
     wide = wide[cols].sort_values(["curvature", "blocks", "projection", "p_tilde"], kind="stable",
                                   key=lambda col: col.map(order) if col.name == "projection" else col)
     head = (f"# Projection-fidelity decomposition: {cfg.name} ({run.task.description})\n\n"
@@ -256,7 +256,7 @@ def collect_stored(root: Path) -> Path:
         emb = embed_dir(cfg)
         meta = artifacts.read_json(emb / "embedding.json")
         fit_s = float("nan")
-        if cfg.projection.kind in ("kfac", "pca"):
+        if cfg.projection.kind in FITTED_PROJECTIONS:
             blocks = capture_blocks(build_task(cfg))
             fit_s = artifacts.read_json(basis_dir(cfg, blocks) / "basis.json")["fit_s"]
         summary = artifacts.load_table(folder / "summary.csv")

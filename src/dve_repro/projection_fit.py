@@ -1,5 +1,6 @@
-"""Fitted projection stage: the K-FAC eigenbasis (``projection.kind=kfac``) or the principal
-components (``pca``) of a recorded run's gradient factors.
+"""Fitted projection stage: the K-FAC eigenbasis (``projection.kind=kfac``), the principal
+components (``pca``) or the gradient-weighted eigenbasis (``gradcov``) of a recorded run's
+gradient factors.
 
 Reads a finished training run. Replays steps ``[0, fit_steps)`` (all steps when 0) and,
 before each step, takes every captured layer's per-sample hook factors at ``θ_t`` (inputs
@@ -11,7 +12,11 @@ true labels) to average the two second moments per layer, over the occurrences o
 (the K-FAC factors, which LoGra's "PCA initialisation" uses; for an ``nn.Embedding`` A is the
 diagonal of token counts). ``pca`` centres them first (A − S μ_a μ_aᵀ with μ_a the per-token
 mean and S the tokens per occurrence; textbook PCA, which drops the mean direction the
-gradient's bias column and the mean image live in; not for embeddings). The rows of
+gradient's bias column and the mean image live in). ``gradcov`` weights them by the other
+factor: the two partial traces of the per-sample gradient's second moment, E[GᵀG] and E[GGᵀ]
+with G = Σ_s b_s a_sᵀ (for one token E[‖b‖² a aᵀ] and E[‖a‖² b bᵀ]); with the other side kept
+whole its top eigenvectors keep the most gradient energy E‖P g‖² of any k directions. pca and
+gradcov are not defined for embeddings. The rows of
 the layer's ``P_in`` / ``P_out`` are the top ``k_in`` / ``k_out`` eigenvectors (each capped at
 the factor's size; descending eigenvalue, the largest-magnitude entry made positive), the
 last ``round(random_fraction · k)`` of them replaced by Gaussian directions from
@@ -106,13 +111,13 @@ def fit_basis(cfg: Config, run: TrainedRun, blocks: list[Block]) -> tuple[dict[s
                                "(e.g. model.capture_layers=all) or use projection.kind=kronecker")
     tensors: dict[str, torch.Tensor] = {}
     kept: dict[str, dict] = {}
-    if p.kind == "pca" and any(b.kind == "embedding" for b in blocks):
+    if p.kind != "kfac" and any(b.kind == "embedding" for b in blocks):
         emb = next(b.name for b in blocks if b.kind == "embedding")
-        raise DveError(f"projection.kind=pca cannot centre the token factor of the embedding {emb} (its "
-                       "covariance is dense, vocabulary-sized); use projection.kind=kfac")
-    moments, n = factor_moments(run, blocks, steps)
+        raise DveError(f"projection.kind={p.kind}: the token factor of the embedding {emb} would need a dense, "
+                       "vocabulary-sized moment; use projection.kind=kfac")
+    moments, n = factor_moments(run, blocks, steps, gradient_weighted=p.kind == "gradcov")
     for i, b in enumerate(blocks):
-        A, B = moments[b.name].matrices(centered=p.kind == "pca")
+        A, B = moments[b.name].matrices(p.kind)
         (d_out, d_in), k_out, k_in = b.shape, min(p.k_out, b.shape[0]), min(p.k_in, b.shape[1])
         p_out, ev_out = top_directions(B, k_out, round(p.random_fraction * k_out), _seed(p.seed, i, 11))
         p_in, ev_in = top_directions(A, k_in, round(p.random_fraction * k_in), _seed(p.seed, i, 12))
@@ -123,9 +128,10 @@ def fit_basis(cfg: Config, run: TrainedRun, blocks: list[Block]) -> tuple[dict[s
     return tensors, {"steps": steps, "samples": n, "layers": kept}
 
 
-def factor_moments(run: TrainedRun, blocks: list[Block], steps: int) -> tuple[dict, int]:
-    """{layer: (A, B)} averaged over the occurrences of steps [0, steps) (float64; A is a vector
-    of token frequencies for an embedding), and the number of occurrences."""
+def factor_moments(run: TrainedRun, blocks: list[Block], steps: int,
+                   gradient_weighted: bool = False) -> tuple[dict[str, FactorMoments], int]:
+    """{layer: :class:`FactorMoments`} averaged over the occurrences of steps [0, steps)
+    (float64), and the number of occurrences; ``gradient_weighted`` adds E[GᵀG] and E[GGᵀ]."""
     from dve_repro.capture import hook_factors
 
     sums: dict[str, list] = {}
@@ -144,14 +150,18 @@ def factor_moments(run: TrainedRun, blocks: list[Block], steps: int) -> tuple[di
                 A = torch.bincount(a.reshape(-1), minlength=_block(blocks, name).shape[1]).double()
                 sa = A
             new = [A, B, sa, b.sum((0, 1)), b.shape[0] * b.shape[1]]
+            if gradient_weighted:  # G_i = Σ_s b_s a_sᵀ: GᵀG = Σ_st (b_s·b_t) a_s a_tᵀ, GGᵀ = Σ_st (a_s·a_t) b_s b_tᵀ
+                new += [torch.einsum("nsi,nst,ntj->ij", a, torch.einsum("nso,nto->nst", b, b), a),
+                        torch.einsum("nso,nst,ntp->op", b, torch.einsum("nsi,nti->nst", a, a), b)]
             sums[name] = new if name not in sums else [u + v for u, v in zip(sums[name], new, strict=True)]
         count[0] += int(x.shape[0])
 
     with ui.bar("fit projection (replay)", total=steps, unit="step") as bar:
         replay(run, start=0, stop=steps, before_step=lambda t, params: (before(t, params), bar.update(1)))
     n = count[0]
-    return {k: FactorMoments(A.cpu() / n, B.cpu() / n, sa.cpu() / rows, sb.cpu() / rows, rows / n)
-            for k, (A, B, sa, sb, rows) in sums.items()}, n
+    return {k: FactorMoments(A.cpu() / n, B.cpu() / n, sa.cpu() / rows, sb.cpu() / rows, rows / n,
+                             *(m.cpu() / n for m in rest))
+            for k, (A, B, sa, sb, rows, *rest) in sums.items()}, n
 
 
 @dataclass
@@ -165,14 +175,19 @@ class FactorMoments:
     mean_a: torch.Tensor
     mean_b: torch.Tensor
     tokens: float
+    GtG: torch.Tensor | None = None  # E[G_iᵀ G_i] [d_in, d_in] (gradient_weighted only)
+    GGt: torch.Tensor | None = None  # E[G_i G_iᵀ] [d_out, d_out]
 
-    def matrices(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B), or the covariances A − S μ_a μ_aᵀ, B − S μ_b μ_bᵀ when ``centered`` (pca)."""
-        if not centered:
+    def matrices(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (input, output) matrices whose eigenvectors ``kind`` keeps: kfac (A, B); pca the
+        covariances A − S μ_a μ_aᵀ, B − S μ_b μ_bᵀ; gradcov (E[GᵀG], E[GGᵀ])."""
+        if kind == "kfac":
             return self.A, self.B
         if self.A.dim() == 1:
-            raise DveError("projection.kind=pca cannot centre an embedding's token factor (its covariance is "
-                           "dense, vocabulary-sized); use projection.kind=kfac")
+            raise DveError(f"projection.kind={kind} needs a dense moment of an embedding's token factor; "
+                           "use projection.kind=kfac")
+        if kind == "gradcov":
+            return self.GtG, self.GGt
         return (self.A - self.tokens * torch.outer(self.mean_a, self.mean_a),
                 self.B - self.tokens * torch.outer(self.mean_b, self.mean_b))
 

@@ -6,7 +6,8 @@ Oracles, float64 on the 27-parameter classifier of ``oracle_runs``:
   rotation of each layer's gradient block, so the embedding's scores equal those without
   projection — for both curvatures, one M or one per layer, and with random directions mixed in;
 * the stored eigenvectors and eigenvalues are numpy's ``eigh`` of the factor second moments
-  computed here from the analytic per-sample factors of the MLP at the from-scratch iterates.
+  (kfac), covariances (pca) or gradient-weighted moments (gradcov) computed here from the
+  analytic per-sample factors of the MLP at the from-scratch iterates.
 
 And the contract around it: a query projected with another basis is refused by ``dve score``,
 capture during training with a fitted projection is refused with one line, and the older
@@ -67,6 +68,7 @@ def _rel_err(got, want) -> float:
         ("embed.curvature=gn", "embed.blocks=layer"),
         ("embed.curvature=gn", "embed.blocks=layer", "projection.random_fraction=0.5"),
         ("embed.curvature=ef", "embed.blocks=full", "projection.kind=pca"),
+        ("embed.curvature=gn", "embed.blocks=full", "projection.kind=gradcov"),
     ],
 )
 def test_all_directions_kept_gives_the_unprojected_scores(setup, one_thread, extra):
@@ -100,7 +102,7 @@ def _analytic_factors(flat: Flat, v: torch.Tensor, x: torch.Tensor, y: torch.Ten
     return {"net.0": (torch.cat([x, ones], 1), b1), "net.2": (torch.cat([h, ones], 1), b2)}
 
 
-@pytest.mark.parametrize("kind", ["kfac", "pca"])
+@pytest.mark.parametrize("kind", ["kfac", "pca", "gradcov"])
 def test_fitted_eigenvectors_are_numpy_eigh_of_the_factor_moments(setup, one_thread, kind):
     root, task, run = setup
     fit_steps = 5
@@ -119,6 +121,9 @@ def test_fitted_eigenvectors_are_numpy_eigh_of_the_factor_moments(setup, one_thr
         a, b = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         if kind == "pca":  # centred: the covariance, as np.cov computes it (population normalisation)
             moments = (("in", np.cov(a.T, bias=True)), ("out", np.cov(b.T, bias=True)))
+        elif kind == "gradcov":  # g = b ⊗ a: E[GᵀG] = E[‖b‖² a aᵀ], E[GGᵀ] = E[‖a‖² b bᵀ]
+            wa, wb = (b**2).sum(1), (a**2).sum(1)
+            moments = (("in", (a * wa[:, None]).T @ a / len(a)), ("out", (b * wb[:, None]).T @ b / len(b)))
         else:
             moments = (("in", a.T @ a / len(a)), ("out", b.T @ b / len(b)))
         for side, moment in moments:
