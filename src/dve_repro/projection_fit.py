@@ -50,6 +50,7 @@ from dve_repro.projection import FittedBasis, Projector, _gaussian, _seed
 from dve_repro.replay import TrainedRun, replay
 
 BASIS = "basis.safetensors"
+_MOMENTS: dict = {}  # the last run's factor moments (decompose-projection fits many sizes from one)
 # Largest factor whose dense [d, d] second moment is fitted (512 MB in float64); an
 # embedding's input side (token ids) is diagonal and has no limit.
 MAX_MOMENT_DIM = 8192
@@ -115,7 +116,11 @@ def fit_basis(cfg: Config, run: TrainedRun, blocks: list[Block]) -> tuple[dict[s
         emb = next(b.name for b in blocks if b.kind == "embedding")
         raise DveError(f"projection.kind={p.kind}: the token factor of the embedding {emb} would need a dense, "
                        "vocabulary-sized moment; use projection.kind=kfac")
-    moments, n = factor_moments(run, blocks, steps, gradient_weighted=p.kind == "gradcov")
+    key = (str(run.path), tuple(b.name for b in blocks), steps, p.kind == "gradcov")
+    if key not in _MOMENTS:  # one replay serves every size and kind fitted in this process
+        _MOMENTS.clear()
+        _MOMENTS[key] = factor_moments(run, blocks, steps, gradient_weighted=p.kind == "gradcov")
+    moments, n = _MOMENTS[key]
     for i, b in enumerate(blocks):
         A, B = moments[b.name].matrices(p.kind)
         (d_out, d_in), k_out, k_in = b.shape, min(p.k_out, b.shape[0]), min(p.k_in, b.shape[1])
@@ -208,7 +213,12 @@ def top_directions(moment: torch.Tensor, k: int, n_random: int, seed: int) -> tu
         vecs = torch.zeros(k - n_random, moment.shape[0], dtype=torch.float64)
         vecs[torch.arange(k - n_random), order[: k - n_random]] = 1.0
     else:
-        vals, vecs = torch.linalg.eigh(moment.double())
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # the basis must not depend on runtime.threads (it is checksummed)
+        try:
+            vals, vecs = torch.linalg.eigh(moment.double())
+        finally:
+            torch.set_num_threads(before)
         vals, vecs = vals.flip(0), vecs.flip(1).T[: k - n_random]
         pivot = vecs.abs().argmax(dim=1, keepdim=True)
         vecs = vecs * torch.sign(vecs.gather(1, pivot))
