@@ -110,17 +110,19 @@ def matrix_free_scores(cfg: Config, run: TrainedRun, blocks, settings: list[Sett
             replay(run, start=a, stop=b, before_step=lambda t, p: thetas.append(p))  # noqa: B023
             for t in range(b - 1, a - 1, -1):
                 x, y = task.batch(traj.batches[t])
-                w = float(traj.lrs[t]) / x.shape[0]
-                g_f = hook_factors(task, blocks, thetas[t - a], x, y)
-                G = {key: p.project_factors(g_f) for key, p in projectors.items()}
+                n, w = x.shape[0], float(traj.lrs[t]) / x.shape[0]
+                # every factor set of the step (G's, then each curvature's rows), projected in one call
+                sets = [hook_factors(task, blocks, thetas[t - a], x, y)]
+                rows = {"ef": (0, 1)}
+                for c in (c for c in curvatures if c != "ef"):
+                    targets = curvature_targets(task, thetas[t - a], x, y, c, e.mc_samples, e.mc_seed * 1_000_003 + t)
+                    rows[c] = (len(sets), len(sets) + len(targets))
+                    sets += [hook_factors(task, blocks, thetas[t - a], x, lab, wt) for lab, wt in targets]
+                stacked = {name: tuple(torch.cat([f[name][i] for f in sets]) for i in (0, 1)) for name in sets[0]}
+                P = {key: p.project_factors(stacked) for key, p in projectors.items()}
+                G = {key: m[:n] for key, m in P.items()}
                 for c in curvatures:
-                    if c == "ef":
-                        F = G
-                    else:
-                        targets = curvature_targets(task, thetas[t - a], x, y, c, e.mc_samples,
-                                                    e.mc_seed * 1_000_003 + t)
-                        f_f = [hook_factors(task, blocks, thetas[t - a], x, lab, wt) for lab, wt in targets]
-                        F = {key: torch.cat([p.project_factors(f) for f in f_f]) for key, p in projectors.items()}
+                    F = {key: m[rows[c][0] * n : rows[c][1] * n] for key, m in P.items()}
                     for s in (s for s in settings if s.curvature == c):
                         key = (s.projection, s.k_out, s.k_in)
                         out[s][offsets[t] : offsets[t + 1]] = (w * (G[key] @ v[s])).cpu().numpy()
@@ -139,6 +141,8 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     from dve_repro.tsloo import load_ground_truth, run_tsloo
 
     ui.set_enabled(cfg.runtime.progress)
+    if cfg.runtime.threads:  # speed only: small per-step products run fastest on one thread
+        torch.set_num_threads(cfg.runtime.threads)
     for c in curvatures:
         if c not in ("ef", "gn", "mc"):
             raise DveError(f"--curvatures: {c!r} is not one of ef, gn, mc")
