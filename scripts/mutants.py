@@ -372,10 +372,24 @@ CATALOGUE: tuple[Mutant, ...] = (
     ),
     # ---------------------------------------------------------------- capture / grads / projection
     M(
+        "kfac-smallest-eigenvectors",
+        "projection_fit.py",
+        "vecs.flip(1).T[: k - n_random]",
+        "vecs.T[: k - n_random]",
+        "fitted projection keeps the smallest eigenvectors of the factor moments",
+    ),
+    M(
+        "kfac-random-rows-not-orthogonal",
+        "projection_fit.py",
+        "R = R - (R @ U.T) @ U",
+        "R = R",
+        "random rows of a mixed fitted projection not orthogonalised against the eigenvectors",
+    ),
+    M(
         "gn-rows-no-sqrt",
         "capture.py",
-        "probs[:, c].sqrt()) for c in range(C)]",
-        "probs[:, c]) for c in range(C)]",
+        "probs[:, c].sqrt()) for c in range(probs.shape[-1])]",
+        "probs[:, c]) for c in range(probs.shape[-1])]",
         "Gauss-Newton factor rows scaled by p_c instead of √p_c",
     ),
     M(

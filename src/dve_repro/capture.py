@@ -55,41 +55,54 @@ class Featurizer:
         """Rows ``r_i ∇ℓ(θ, x_i, y_i)`` (``r_i`` = ``row_weights`` or 1), projected: [B, p̃]."""
         task = self.task
         if self.engine == "hooks":
-            p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            ones = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
-            r = ones if row_weights is None else row_weights
-            with LinearFactorHooks(task.model, self.blocks) as hooks:
-                (task.per_sample_loss(p, x, y) * r).sum().backward()
-            return self.from_factors(hooks.factors(ones))
+            return self.from_factors(hook_factors(task, self.blocks, params, x, y, row_weights))
         grads = per_sample_grads_func(task.per_sample_loss, params, x, y, self.blocks)
         out = self.projector.project_blocks(grads)
         return out if row_weights is None else out * row_weights[:, None]
 
     def curvature(self, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int, seed: int) -> torch.Tensor:
         """Curvature factor rows, point-major: [B·R, p̃] (R = C for gn, k for mc)."""
-        task = self.task
-        with torch.no_grad():
-            logits = task.logits(params, x)
-            probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
-        if kind == "gn":
-            if task.kind != "classify":
-                raise DveError("embed.curvature=gn is defined for classifiers; use ef or mc for language models")
-            C = probs.shape[-1]
-            rows = [self.features(params, x, torch.full_like(y, c), probs[:, c].sqrt()) for c in range(C)]
-        elif kind == "mc":
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            rows = []
-            for _ in range(k):
-                flat = probs.reshape(-1, probs.shape[-1]).double().cpu()
-                draw = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(y.device)
-                if task.kind == "lm":
-                    # token s+1 is predicted at position s: targets are shifted by one
-                    draw = torch.cat([y[:, :1], draw[:, :-1]], dim=1)
-                scale = torch.full((x.shape[0],), 1.0 / math.sqrt(k), dtype=probs.dtype, device=x.device)
-                rows.append(self.features(params, x, draw, scale))
-        else:
-            raise ValueError(kind)
+        rows = [self.features(params, x, labels, weights)
+                for labels, weights in curvature_targets(self.task, params, x, y, kind, k, seed)]
         return torch.stack(rows, dim=1).reshape(-1, rows[0].shape[-1])
+
+
+def curvature_targets(task: Task, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int,
+                      seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The R (labels, row weights) pairs whose weighted per-sample gradients are the curvature
+    factor rows (module docstring): gn ``(c, √p_c)`` for every class c, mc ``k`` label draws
+    from the model's prediction (generator seeded with ``seed``) with weight ``1/√k``."""
+    with torch.no_grad():
+        logits = task.logits(params, x)
+        probs = torch.softmax(logits.double(), dim=-1).to(logits.dtype)
+    if kind == "gn":
+        if task.kind != "classify":
+            raise DveError("embed.curvature=gn is defined for classifiers; use ef or mc for language models")
+        return [(torch.full_like(y, c), probs[:, c].sqrt()) for c in range(probs.shape[-1])]
+    if kind != "mc":
+        raise ValueError(kind)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(k):
+        flat = probs.reshape(-1, probs.shape[-1]).double().cpu()
+        draw = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(y.device)
+        if task.kind == "lm":
+            # token s+1 is predicted at position s: targets are shifted by one
+            draw = torch.cat([y[:, :1], draw[:, :-1]], dim=1)
+        out.append((draw, torch.full((x.shape[0],), 1.0 / math.sqrt(k), dtype=probs.dtype, device=x.device)))
+    return out
+
+
+def hook_factors(task: Task, blocks: list[Block], params: dict, x: torch.Tensor, y: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One batched backward of ``Σ_i r_i ℓ(θ, z_i)``: the factors ``{block: (a, b)}`` of each
+    sample's gradient ``r_i ∇_W ℓ_i = Σ_s (r_i b_s) a_sᵀ`` (see :class:`LinearFactorHooks`)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    ones = torch.ones(x.shape[0], dtype=next(iter(p.values())).dtype, device=x.device)
+    r = ones if row_weights is None else row_weights
+    with LinearFactorHooks(task.model, blocks) as hooks:
+        (task.per_sample_loss(p, x, y) * r).sum().backward()
+    return hooks.factors(ones)
 
 
 def curvature_rows_per_point(kind: str, n_classes: int, mc_samples: int) -> int:

@@ -227,6 +227,27 @@ def compare_tsloo(
             typer.echo(str(out))
 
 
+@app.command("decompose-projection", help="Issue 13: where the stored embedding loses fidelity. Scores DVEmb's "
+             "recursion matrix-free for every curvature × projection (none, kronecker, kfac at each K_OUTxK_IN) "
+             "× M (full, per layer) against ground-truth TSLOO (made or reused) and writes decomposition.csv, "
+             ".md and .png to --results. " + OVERRIDE_HELP)
+@guarded
+def decompose_projection(
+    overrides: list[str] = OverridesArg,
+    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>/decomposition)."),
+    curvatures: str = typer.Option("ef,gn,mc", "--curvatures", help="Comma-separated: ef, gn, mc."),
+    kinds: str = typer.Option("kronecker,kfac", "--kinds", help="Comma-separated projections: kronecker, kfac, pca, gradcov."),
+    sizes: str = typer.Option("32x32,32x64,32x128,16x256,32x256,32x512", "--sizes",
+                              help="Comma-separated per-layer sizes K_OUTxK_IN (capped at each layer's)."),
+) -> None:
+    from dve_repro.decompose import parse_sizes, run_decomposition
+
+    cfg = _setup(overrides or [])
+    out = results or Path("results") / cfg.name / "decomposition"
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
+    typer.echo(str(run_decomposition(cfg, out, split(curvatures), split(kinds), parse_sizes(sizes))))
+
+
 @app.command(help="Map where the estimator can be trusted: sweep each `key=a,b,c` override alone (others "
              "fixed), run compare-tsloo for every value, and plot Spearman against each knob. " + OVERRIDE_HELP)
 @guarded

@@ -112,6 +112,10 @@ class GPTNeoXModelConfig:
     capture_layers: str = "all"  # layers whose gradients DVEmb sees: all (block linears) | mlp | all+head | all+head+embed
 
 
+#: projection.kind options; the fitted ones are estimated from a finished run (projection_fit.py).
+PROJECTION_KINDS = ("none", "dense", "kronecker", "kfac", "pca", "gradcov")
+FITTED_PROJECTIONS = ("kfac", "pca", "gradcov")
+
 # The options of GPTNeoXModelConfig.capture_layers (their meaning: lm.CAPTURE_LAYERS).
 LM_CAPTURE_LAYERS = ("all", "mlp", "all+head", "all+head+embed")
 
@@ -163,12 +167,20 @@ class TrajectoryConfig:
 
 @dataclass
 class ProjectionConfig:
-    kind: str = "kronecker"  # none | dense | kronecker
+    # none | dense | kronecker (random Gaussian factors) | kfac (per layer: top eigenvectors of
+    # the input- and output-gradient-factor second moments, fitted from the recorded run by a
+    # replay and stored with the embedding's run: projection_fit.py) | pca (the same, centred) |
+    # gradcov (eigenvectors of the gradient second moment's partial traces E[GᵀG], E[GGᵀ])
+    kind: str = "kronecker"
     dim: int = 1024  # dense: output dimension
     k_in: int = 128  # kronecker: projected input-factor size per layer (capped at the layer's)
     k_out: int = 32  # kronecker: projected output-factor size per layer (capped at the layer's)
     seed: int = 0
     chunk_size: int = 65536  # dense: columns generated at a time (speed/memory only)
+    fit_steps: int = 0  # kfac: the factor second moments are averaged over steps [0, fit_steps); 0 = all
+    # kfac: this fraction of each factor's k directions is random (Gaussian from the seed, made
+    # orthogonal to the kept eigenvectors); 0 = eigenvectors only, 1 = a random orthonormal basis
+    random_fraction: float = 0.0
 
 
 @dataclass
@@ -485,7 +497,12 @@ def validate(cfg: Config) -> None:
     _check(tr.checkpoint_every >= 0, f"trajectory.checkpoint_every must be >= 0 (got {tr.checkpoint_every})")
     _check(tr.dense_every > 0, f"trajectory.dense_every must be > 0 (got {tr.dense_every})")
     p = cfg.projection
-    _one_of(p.kind, ("none", "dense", "kronecker"), "projection.kind")
+    _one_of(p.kind, PROJECTION_KINDS, "projection.kind")
+    _check(p.fit_steps >= 0, f"projection.fit_steps must be >= 0 (got {p.fit_steps})")
+    _check(0.0 <= p.random_fraction <= 1.0, f"projection.random_fraction must be in [0, 1] (got {p.random_fraction})")
+    _check(not (p.kind in FITTED_PROJECTIONS and tr.capture),
+           f"projection.kind={p.kind} is fitted from the recorded run, so it cannot exist while training "
+           "captures gradients; set trajectory.capture=false (dve embed then captures by replay)")
     _check(p.dim > 0, f"projection.dim must be > 0 (got {p.dim})")
     _check(p.k_in > 0 and p.k_out > 0, f"projection.k_in and projection.k_out must be > 0 (got {p.k_in}, {p.k_out})")
     _check(p.chunk_size > 0, f"projection.chunk_size must be > 0 (got {p.chunk_size})")
@@ -625,6 +642,7 @@ _SPEED_ONLY = {
 # Fields added after runs existed: left out of a fingerprint at the value every earlier run
 # used, so those runs keep their folders (any other value enters the fingerprint).
 _OMITTED_AT = {"embed": {"compute_dtype": "float64"}, "train": {"eval_every": 0},
+               "projection": {"fit_steps": 0, "random_fraction": 0.0},
                "data": {"corrupt_fraction": 0.0, "corrupt_seed": 0}}
 
 

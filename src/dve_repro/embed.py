@@ -6,6 +6,9 @@ trained with ``trajectory.capture=true``). Writes ``<out_root>/<name>/embed-<fin
 * projected per-sample gradients recomputed by replay, when the training run has none with
   this projection, go to a sibling ``grads-<fingerprint>/`` shared by every embedding with
   the same projection and curvature (resumable through its done-mask);
+* a fitted projection (``projection.kind=kfac``) is first estimated from the run by a replay
+  into a sibling ``projection-<fingerprint>/`` (``projection_fit.py``), whose checksum the
+  saved projection description carries;
 * ``E.npy`` — [N_occ, p̃] DVEmb of every (training index, step) occurrence;
 * ``occurrences.parquet`` — row → (index, step, epoch);
 * ``scores.parquet`` — index, step, epoch, score: predicted L(θ'_T) − L(θ_T) of the mean
@@ -35,7 +38,8 @@ from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_poin
 from dve_repro.config import Config, compose, fingerprint, from_dict, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, DveError
 from dve_repro.optim import is_plain_sgd
-from dve_repro.projection import Projector, check_compatible
+from dve_repro.projection import check_compatible
+from dve_repro.projection_fit import make_projector
 from dve_repro.replay import TrainedRun, replay
 from dve_repro.train import capture_blocks, train_dir
 
@@ -78,7 +82,7 @@ def make_featurizer(cfg: Config, run: TrainedRun) -> Featurizer:
 
         return SubspaceFeaturizer.for_config(cfg, run)  # type: ignore[return-value]
     blocks = capture_blocks(run.task)
-    return Featurizer(run.task, blocks, Projector(cfg.projection, blocks), cfg.embed.engine)
+    return Featurizer(run.task, blocks, make_projector(cfg, run, blocks), cfg.embed.engine)
 
 
 def _store_meta(cfg: Config, feat: Featurizer) -> dict:

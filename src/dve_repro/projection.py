@@ -10,6 +10,14 @@
   gradient ``G = Σ_s b_s a_sᵀ`` this is ``Σ_s (P_out b_s)(P_in a_s)ᵀ``: k_out·k_in numbers per
   layer computed from the factors alone. It equals dense projection with the matrix
   ``P_out ⊗ P_in``. A factor whose size is ≤ k is kept exactly (identity).
+* ``kfac`` — the same Kronecker form with data-aware factors: the rows of ``P_out`` / ``P_in``
+  are the top eigenvectors of the layer's output-gradient and input second moments
+  ``E[b bᵀ]``, ``E[a aᵀ]`` (the K-FAC factors; LoGra's PCA initialisation), optionally mixed
+  with random orthonormal directions. They are fitted from the recorded run
+  (``projection_fit.py``), so they cannot be regenerated from the seed: they are stored as a
+  small artifact and passed in as ``basis``; :meth:`Projector.describe` records its checksum.
+  The rows are orthonormal and every factor is rotated even when all its directions are kept
+  (then ``P_out ⊗ P_in`` is an orthogonal matrix and inner products are exact).
 
 The same projector serves training and query gradients; :meth:`Projector.describe` is saved
 with every embedding so that a query projected differently is refused.
@@ -21,7 +29,7 @@ import math
 
 import torch
 
-from dve_repro.config import ProjectionConfig
+from dve_repro.config import FITTED_PROJECTIONS, ProjectionConfig
 from dve_repro.errors import DveError
 from dve_repro.grads import FACTOR_KINDS, Block, layout_dim, one_hot_factor
 
@@ -47,14 +55,21 @@ def _seed(base: int, *parts: int) -> int:
 class Projector:
     """Maps per-sample gradients (materialised blocks or linear-layer factors) to [B, p̃]."""
 
-    def __init__(self, cfg: ProjectionConfig, blocks: list[Block]):
+    def __init__(self, cfg: ProjectionConfig, blocks: list[Block], basis: FittedBasis | None = None):
         self.cfg = cfg
         self.blocks = blocks
         self.p = layout_dim(blocks)
         self._cache: dict = {}
+        self.basis = basis
         if cfg.kind == "dense" and cfg.dim > self.p:
             raise DveError(f"projection.dim={cfg.dim} is larger than the gradient (p={self.p})")
-        if cfg.kind == "kronecker":
+        if cfg.kind in FITTED_PROJECTIONS and basis is None:
+            raise DveError(f"projection.kind={cfg.kind} is fitted from a finished training run: only dve embed, "
+                           "score and compare-tsloo use it (not capture during training, online selection or "
+                           "benchmarks); use projection.kind=kronecker here")
+        if basis is not None:
+            basis.check(blocks, self._kept)
+        if self.kronecker:
             other = [b.name for b in blocks if b.kind not in FACTOR_KINDS]
             if other:
                 raise DveError(
@@ -64,13 +79,23 @@ class Projector:
         self.block_dims = [self._out_dim(b) for b in blocks]
         self.dim = sum(self.block_dims)
 
+    @property
+    def kronecker(self) -> bool:
+        """True for the per-layer factor projections (random ``kronecker`` or fitted ``kfac``)."""
+        return self.cfg.kind == "kronecker" or self.cfg.kind in FITTED_PROJECTIONS
+
+    def _kept(self, b: Block) -> tuple[int, int]:
+        """(k_out, k_in) of a layer: the configured sizes capped at the layer's."""
+        d_out, d_in = b.shape
+        return min(self.cfg.k_out, d_out), min(self.cfg.k_in, d_in)
+
     def _out_dim(self, b: Block) -> int:
         if self.cfg.kind == "none":
             return b.size
         if self.cfg.kind == "dense":
             return 0  # dense projects the whole vector, not blocks
-        d_out, d_in = b.shape
-        return min(self.cfg.k_out, d_out) * min(self.cfg.k_in, d_in)
+        k_out, k_in = self._kept(b)
+        return k_out * k_in
 
     @property
     def out_dim(self) -> int:
@@ -95,6 +120,10 @@ class Projector:
             "seed": self.cfg.seed,
             "layout": [[b.name, list(b.shape)] for b in self.blocks],
         }
+        if self.basis is not None:
+            # Not regenerable from the seed: the stored basis is named by its checksum.
+            out.update(fit_steps=self.cfg.fit_steps, random_fraction=self.cfg.random_fraction,
+                       basis_blake2b=self.basis.checksum)
         if self.cfg.kind == "dense":
             # Names the column-block scheme: gradients projected by the earlier per-chunk_size
             # scheme carry no such key and are refused instead of mixed with these.
@@ -105,9 +134,12 @@ class Projector:
 
     def kron_factors(self, i: int, dtype, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         key = ("kron", i, dtype, str(device))
+        if key not in self._cache and self.basis is not None:
+            p_out, p_in = self.basis.factors(self.blocks[i].name)
+            self._cache[key] = (p_out.to(dtype=dtype, device=device), p_in.to(dtype=dtype, device=device))
         if key not in self._cache:
             d_out, d_in = self.blocks[i].shape
-            k_out, k_in = min(self.cfg.k_out, d_out), min(self.cfg.k_in, d_in)
+            k_out, k_in = self._kept(self.blocks[i])
             p_out = None if k_out == d_out else _gaussian(k_out, d_out, _seed(self.cfg.seed, i, 0), dtype, device)
             p_in = None if k_in == d_in else _gaussian(k_in, d_in, _seed(self.cfg.seed, i, 1), dtype, device)
             self._cache[key] = (p_out, p_in)
@@ -171,7 +203,7 @@ class Projector:
     def project_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hook factors {block: (a [B,S,d_in+1], b [B,S,d_out])} → [B, p̃] without forming
         the per-sample gradient when the projection is Kronecker."""
-        if self.cfg.kind != "kronecker":
+        if not self.kronecker:
             from dve_repro.grads import factors_to_grads
 
             return self.project_blocks(factors_to_grads(factors, self.blocks))
@@ -187,6 +219,34 @@ class Projector:
                 b = b @ p_out.T  # [B, S, k_out]
             parts.append(torch.einsum("bso,bsi->boi", b, a).flatten(1))
         return torch.cat(parts, dim=1)
+
+
+class FittedBasis:
+    """Stored per-layer factor matrices of a fitted projection: ``{block: (P_out [k_out, d_out],
+    P_in [k_in, d_in])}`` with orthonormal rows, and the checksum of the file they came from."""
+
+    def __init__(self, mats: dict[str, tuple[torch.Tensor, torch.Tensor]], checksum: str):
+        self.mats, self.checksum = mats, checksum
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], checksum: str) -> FittedBasis:
+        """From the artifact's flat names ``<block>.out`` / ``<block>.in`` (other keys ignored)."""
+        names = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".out", ".in"))}
+        return cls({n: (tensors[f"{n}.out"], tensors[f"{n}.in"]) for n in names}, checksum)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mats[name]
+
+    def check(self, blocks: list[Block], kept) -> None:
+        """Refuse a basis that does not fit the layers (another model or other k)."""
+        for b in blocks:
+            if b.name not in self.mats:
+                raise DveError(f"the fitted projection basis has no matrices for layer {b.name}")
+            p_out, p_in = self.mats[b.name]
+            want = kept(b)
+            if (tuple(p_out.shape), tuple(p_in.shape)) != ((want[0], b.shape[0]), (want[1], b.shape[1])):
+                raise DveError(f"the fitted projection basis of layer {b.name} has shapes {tuple(p_out.shape)}, "
+                               f"{tuple(p_in.shape)} but the layer needs {(want[0], b.shape[0])}, {(want[1], b.shape[1])}")
 
 
 def check_compatible(saved: dict, current: dict, what: str) -> None:
