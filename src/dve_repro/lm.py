@@ -174,7 +174,7 @@ def corrupt_sequences(train: torch.Tensor, fraction: float, seed: int, vocab: in
     n, seq = train.shape
     rng = np.random.default_rng([seed, 2])
     idx = np.sort(rng.choice(n, size=round(fraction * n), replace=False))
-    out = np.array(train, dtype=np.int64)
+    out = train.to(torch.int64).numpy().copy()  # a writable copy (train may be a read-only memory map)
     out[idx] = rng.integers(0, vocab, size=(len(idx), seq))
     return torch.from_numpy(out), idx
 
