@@ -43,8 +43,11 @@ def test_dve_select_writes_its_table_figures_and_claims(tmp_path, one_thread):
     row = next(ln for ln in md.splitlines() if ln.startswith("| early_late |"))
     assert f"{g['early_late'] / g['always']:.4g}" in row
     assert "**early_late**" in md and "**early**" in md
-    # the seed's runs share their pools: never and always of seed 0 start from the same θ_0
-    assert (root / "tiny_mlp").is_dir()
+    # the seeds differ, the schedules of one seed start from the same θ_0
+    never = runs[runs.schedule == "never"].set_index("seed")["final_val_loss"]
+    assert never[0] != never[1]
+    first = curves[curves.step == 0].pivot(index="schedule", columns="seed", values="val_loss")
+    assert (first.nunique(axis=0) == 1).all() and first[0].iloc[0] != first[1].iloc[0]
 
 
 def test_dve_select_refuses_bad_windows_before_training(tmp_path):
