@@ -24,7 +24,9 @@ run, then written as small results to ``results/<name>/``:
 Methods (all on the TSLOO sign). Per-occurrence estimates give single-epoch removal from
 the point's last occurrence and all-epoch removal from the sum over occurrences:
 ``dvemb`` (Algorithm 1, the configured projection and curvature; ``dvemb-sgd-proxy`` on an
-AdamW / momentum / clipped run), ``unrolled-<c>`` (no projection, matrix-free, curvature c:
+AdamW / momentum / clipped run), ``dvemb-paper`` (the paper's own choices beside a configured
+fitted projection or other curvature: random Kronecker projection, empirical Fisher;
+:func:`paper_config`), ``unrolled-<c>`` (no projection, matrix-free, curvature c:
 ``hessian`` is the exact first-order unrolled influence, ``ef`` is DVEmb without projection,
 ``none`` drops the Hessian term; ``unrolled-adamw-<c>`` through the linearised AdamW map).
 Per-point baselines give one value whatever the setting: ``influence``, ``tracin``,
@@ -40,12 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import pearsonr, spearmanr
 
 from dve_repro import artifacts, baselines, ui, unroll
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
+from dve_repro.stats import correlation_ci, pearson, spearman
 
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
 
@@ -128,11 +130,15 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = 
     folders = {} if folders is None else folders
     k = min(cfg.baselines.val_points, int(run.task.x_val.shape[0]))
     occ_scores: dict[str, np.ndarray] = {}
-    mean = artifacts.load_table(embed_path / "scores.parquet")["score"].to_numpy()
-    pts = artifacts.open_npy(embed_path / "scores_points.npy", "r")[:, :k]
     # On a momentum / AdamW / clipped run the paper's recursion is an SGD proxy: say so in its name.
-    occ_scores[dvemb_name(run)] = np.concatenate([mean[:, None], pts], axis=1)
+    occ_scores[dvemb_name(run)] = _embedding_scores(embed_path, k)
     folders[dvemb_name(run)] = embed_path
+    paper = paper_config(cfg)
+    if cfg.baselines.paper_dvemb and paper is not None:
+        from dve_repro.embed import run_embedding
+
+        folders[f"{dvemb_name(run)}-paper"] = path = run_embedding(paper, run)
+        occ_scores[f"{dvemb_name(run)}-paper"] = _embedding_scores(path, k)
     x_q, y_q = run.task.x_val, run.task.y_val
     idx_scores: dict[str, np.ndarray] = {}
     curvatures = list(cfg.baselines.curvatures)
@@ -188,10 +194,33 @@ def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, k: int) -> 
     b = cfg.baselines
     embed = dataclasses.replace(cfg.embed, optimizer_aware=True, adamw_subspace=kind,
                                 curvature=b.adamw_curvature, blocks=b.adamw_blocks)
-    path = run_embedding(dataclasses.replace(cfg, embed=embed), run)
+    return _embedding_scores(run_embedding(dataclasses.replace(cfg, embed=embed), run), k)
+
+
+def _embedding_scores(path: Path, k: int) -> np.ndarray:
+    """Scores [N_occ, 1 + k] of a finished embedding folder: the mean validation loss, then the
+    first k validation points."""
     mean = artifacts.load_table(path / "scores.parquet")["score"].to_numpy()
     pts = artifacts.open_npy(path / "scores_points.npy", "r")[:, :k]
     return np.concatenate([mean[:, None], pts], axis=1)
+
+
+def paper_config(cfg: Config) -> Config | None:
+    """The configuration of the paper's own estimator beside the configured one: the same run
+    and embedding settings with a random Gaussian Kronecker projection (projection.kind
+    kronecker, same k_out × k_in and seed) and the empirical Fisher (embed.curvature ef) —
+    or None when the configured embedding already is that (then ``dvemb`` is the paper's)."""
+    import dataclasses
+
+    from dve_repro.config import ProjectionConfig
+
+    p, e = cfg.projection, cfg.embed
+    if p.kind == "kronecker" and e.curvature == "ef" and not e.optimizer_aware:
+        return None
+    if p.kind not in ("kronecker", "kfac", "pca", "gradcov"):  # a dense or no projection: no paper twin
+        return None
+    proj = ProjectionConfig(kind="kronecker", k_in=p.k_in, k_out=p.k_out, seed=p.seed, chunk_size=p.chunk_size)
+    return dataclasses.replace(cfg, projection=proj, embed=dataclasses.replace(e, curvature="ef", optimizer_aware=False))
 
 
 def dvemb_name(run: TrainedRun) -> str:
@@ -223,27 +252,6 @@ def markdown_table(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
     return "\n".join(lines) + "\n"
 
 
-def bootstrap_ci(x: np.ndarray, y: np.ndarray, fn, n: int, seed: int) -> tuple[float, float]:
-    if n == 0 or len(x) < 3:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        i = rng.integers(0, len(x), len(x))
-        if np.ptp(x[i]) == 0 or np.ptp(y[i]) == 0:
-            continue
-        vals.append(fn(x[i], y[i]))
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
-
-
-def _spearman(a, b) -> float:
-    return float(spearmanr(a, b)[0])
-
-
-def _pearson(a, b) -> float:
-    return float(pearsonr(a, b)[0])
-
-
 def summarize(jobs: pd.DataFrame, truth: np.ndarray, est: dict[str, np.ndarray], n_boot: int, seed: int) -> pd.DataFrame:
     rows = []
     k = next(iter(est.values())).shape[1] - 1
@@ -251,14 +259,14 @@ def summarize(jobs: pd.DataFrame, truth: np.ndarray, est: dict[str, np.ndarray],
         sel = grp.index.to_numpy()
         for name, e in est.items():
             x, y = e[sel, 0], truth[sel, 0]
-            s_lo, s_hi = bootstrap_ci(x, y, _spearman, n_boot, seed)
-            p_lo, p_hi = bootstrap_ci(x, y, _pearson, n_boot, seed)
-            per = [_spearman(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
-            per_p = [_pearson(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
+            s_lo, s_hi = correlation_ci(x, y, "spearman", n_boot, seed)
+            p_lo, p_hi = correlation_ci(x, y, "pearson", n_boot, seed)
+            per = [spearman(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
+            per_p = [pearson(e[sel, j], truth[sel, j]) for j in range(1, k + 1)] if k else []
             rows.append({
                 "method": name, "setting": setting, "convention": conv, "n": len(sel),
-                "spearman": _spearman(x, y), "spearman_lo": s_lo, "spearman_hi": s_hi,
-                "pearson": _pearson(x, y), "pearson_lo": p_lo, "pearson_hi": p_hi,
+                "spearman": spearman(x, y), "spearman_lo": s_lo, "spearman_hi": s_hi,
+                "pearson": pearson(x, y), "pearson_lo": p_lo, "pearson_hi": p_hi,
                 "per_point_spearman": float(np.nanmean(per)) if per else float("nan"),
                 "per_point_pearson": float(np.nanmean(per_p)) if per_p else float("nan"),
                 "val_points": k,

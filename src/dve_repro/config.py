@@ -235,6 +235,9 @@ class BaselinesConfig:
     adamw_subspaces: list[str] = field(default_factory=lambda: ["mask", "kron"])
     adamw_curvature: str = "ef"
     adamw_blocks: str = "layer"
+    # also score the paper's estimator (random Kronecker projection, empirical Fisher; the
+    # configured sizes, seed and M blocks) as dvemb-paper when the configured embedding differs
+    paper_dvemb: bool = True
 
 
 #: The selection schedules of ``dve select`` (select.py): which steps choose their batch.
@@ -643,7 +646,7 @@ _SPEED_ONLY = {
 # used, so those runs keep their folders (any other value enters the fingerprint).
 _OMITTED_AT = {"embed": {"compute_dtype": "float64"}, "train": {"eval_every": 0},
                "projection": {"fit_steps": 0, "random_fraction": 0.0},
-               "data": {"corrupt_fraction": 0.0, "corrupt_seed": 0}}
+               "data": {"corrupt_fraction": 0.0, "corrupt_seed": 0}, "baselines": {"paper_dvemb": True}}
 
 
 def section(cfg: Config, name: str) -> dict[str, Any]:

@@ -37,12 +37,21 @@ import torch
 
 from dve_repro import artifacts, ui
 from dve_repro.capture import curvature_targets, hook_factors
-from dve_repro.config import FITTED_PROJECTIONS, Config, ProjectionConfig
+from dve_repro.config import (
+    FITTED_PROJECTIONS,
+    Config,
+    ProjectionConfig,
+    fingerprint,
+    stage_payload,
+    to_dict,
+)
 from dve_repro.errors import DveError
 from dve_repro.grads import FACTOR_KINDS
 from dve_repro.projection import Projector
 from dve_repro.projection_fit import make_projector
 from dve_repro.replay import TrainedRun, replay
+
+SCORES = "scores.npy"
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,40 @@ def matrix_free_scores(cfg: Config, run: TrainedRun, blocks, settings: list[Sett
     return out
 
 
+def scores_payload(cfg: Config, settings: list[Setting]) -> dict:
+    """What the decomposition's scores depend on: the recorded run, the settings, the projections'
+    own configuration (seed; the fitted kinds' fit steps and random share) and the Monte-Carlo
+    Fisher's draws — not the ground truth or the bootstrap."""
+    p = cfg.projection
+    return {"trajectory": stage_payload(cfg, "trajectory"), "settings": [list(dataclasses.astuple(s)) for s in settings],
+            "projection": {"seed": p.seed, "fit_steps": p.fit_steps, "random_fraction": p.random_fraction},
+            "mc": {"mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed}}
+
+
+def cached_scores(cfg: Config, run: TrainedRun, blocks, settings: list[Setting],
+                  projectors: dict) -> dict[Setting, np.ndarray]:
+    """:func:`matrix_free_scores` from ``<out_root>/<name>/decompose-<fp>/scores.npy``
+    [n_settings, N_occ] (locked, verified before reuse), computed into it when missing — so a
+    change of the tables, the figure or the bootstrap re-reads the scores instead of replaying."""
+    payload = scores_payload(cfg, settings)
+    rd = artifacts.RunDir(artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "decompose", fingerprint(payload)),
+                          payload)
+    with rd.locked():
+        rd.check()
+        if rd.reusable():
+            ui.log(f"reusing the decomposition's scores from {rd.final}")
+            values = artifacts.load_npy(rd.final / SCORES)
+            return {s: values[i] for i, s in enumerate(settings)}
+        rd.prepare(to_dict(cfg), run.device)
+        t0 = time.perf_counter()
+        scores = matrix_free_scores(cfg, run, blocks, settings, projectors)
+        seconds = time.perf_counter() - t0
+        ui.log(f"decomposition: {len(settings)} settings in {seconds:.1f} s")
+        artifacts.save_npy(rd.file(SCORES), np.stack([scores[s] for s in settings]))
+        rd.mark_done({"settings": len(settings), "seconds": seconds})
+    return scores
+
+
 def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: list[str],
                       sizes: list[tuple[int, int]]) -> Path:
     """Ground truth (made or reused), every setting's scores, the tables and the figure."""
@@ -154,9 +197,7 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     blocks = capture_blocks(run.task)
     settings = settings_for(curvatures, kinds, sizes)
     projectors = projectors_for(cfg, run, blocks, settings)
-    t0 = time.perf_counter()
-    scores = matrix_free_scores(cfg, run, blocks, settings, projectors)
-    ui.log(f"decomposition: {len(settings)} settings in {time.perf_counter() - t0:.1f} s")
+    scores = cached_scores(cfg, run, blocks, settings, projectors)
     names = {s: f"{s.curvature}|{s.projection}|{s.k_out}x{s.k_in}|{s.blocks}" for s in settings}
     est = estimates(run, jobs, {names[s]: scores[s][:, None] for s in settings}, {})
     summary = summarize(jobs, truth[:, :1], est, cfg.baselines.bootstrap, cfg.baselines.bootstrap_seed)

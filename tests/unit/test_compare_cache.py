@@ -84,11 +84,19 @@ def test_each_method_is_recomputed_only_when_what_it_reads_changes(tiny, tmp_pat
     for a, b in zip(_tables(tmp_path), first, strict=True):
         pd.testing.assert_frame_equal(a, b)
 
-    # an embedding setting: only the embedding
+    # an embedding setting: only the embedding; the paper's estimator (random Kronecker, EF)
+    # now appears beside it as dvemb-paper — the first comparison's embedding, reused
     assert _compare(tiny, tmp_path, computed, "embed.curvature=gn") == {"dvemb"}
     summary, _ = _tables(tmp_path)
-    mine = summary["method"] != "dvemb"
-    pd.testing.assert_frame_equal(summary[mine].reset_index(drop=True), first[0][mine].reset_index(drop=True))
+    mine = ~summary["method"].isin(["dvemb", "dvemb-paper"])
+    pd.testing.assert_frame_equal(summary[mine].reset_index(drop=True),
+                                  first[0][first[0]["method"] != "dvemb"].reset_index(drop=True))
+    paper = summary[summary["method"] == "dvemb-paper"].assign(method="dvemb").reset_index(drop=True)
+    pd.testing.assert_frame_equal(paper, first[0][first[0]["method"] == "dvemb"].reset_index(drop=True))
+    assert not np.array_equal(summary[summary["method"] == "dvemb"]["spearman"].to_numpy(), paper["spearman"].to_numpy())
+    # ... and not when asked not to
+    assert _compare(tiny, tmp_path, computed, "embed.curvature=gn", "baselines.paper_dvemb=false") == set()
+    assert "dvemb-paper" not in set(_tables(tmp_path)[0]["method"])
 
     # the influence function's damping: only influence
     assert _compare(tiny, tmp_path, computed, "baselines.if_damping=0.05") == {"influence"}

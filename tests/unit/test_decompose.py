@@ -79,3 +79,29 @@ def test_parse_sizes():
     for bad in ("", "32", "32x0", "axb"):
         with pytest.raises(DveError, match="K_OUTxK_IN"):
             parse_sizes(bad)
+
+
+def test_scores_are_cached_by_what_they_depend_on(setup, one_thread, monkeypatch):
+    """The replay runs once per (run, settings, projection seed, mc draws): a second call
+    reads the stored scores (equal), other settings or another projection seed replay again."""
+    from dve_repro import decompose
+
+    root, task, run = setup
+    calls = []
+    original = decompose.matrix_free_scores
+    monkeypatch.setattr(decompose, "matrix_free_scores", lambda *a: calls.append(1) or original(*a))
+    blocks = capture_blocks(run.task)
+    settings = [Setting("ef", "kronecker", 2, 3, "full"), Setting("gn", "none", 0, 0, "layer")]
+
+    def scores(*extra, settings=settings):
+        cfg = compose(overrides(root, task, *TRAIN, *extra))
+        return decompose.cached_scores(cfg, run, blocks, settings, projectors_for(cfg, run, blocks, settings))
+
+    first = scores()
+    again = scores()
+    assert len(calls) == 1
+    for s in settings:
+        np.testing.assert_array_equal(again[s], first[s])
+    scores(settings=settings[:1])
+    scores("projection.seed=5")
+    assert len(calls) == 3
