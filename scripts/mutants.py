@@ -2,7 +2,7 @@
 
 Each catalogue entry names a module under ``src/dve_repro/``, an exact snippet of its source
 (it must occur exactly once) and a replacement. For every mutant the repository's ``src``,
-``tests``, ``configs``, ``scripts`` and ``pyproject.toml`` are copied to a temporary folder, the snippet is
+``tests``, ``scripts`` and ``pyproject.toml`` are copied to a temporary folder, the snippet is
 replaced there, and the default tier (``-m "not slow and not gpu"``) runs with ``-x`` against
 the copy (``PYTHONPATH`` and ``DVE_CONFIG_DIR`` point at it; the script checks that the copy's
 package is the one imported, not the editable install). A mutant is *caught* when a test
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("src", "tests", "configs", "scripts", "pyproject.toml")
+COPIED = ("src", "tests", "scripts", "pyproject.toml")
 FAST_TIER = "not slow and not gpu"
 # The whole fast tier as a list of files, the quick float64 oracles first: most mutants fail
 # there within seconds and -x stops (pytest keeps the order of file arguments).
@@ -530,7 +530,7 @@ def _env(copy: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(copy / "src"),
-        DVE_CONFIG_DIR=str(copy / "configs"),
+        DVE_CONFIG_DIR=str(copy / "src" / "dve_repro" / "configs"),
         MPLCONFIGDIR=str(copy / ".mpl"),
         OMP_NUM_THREADS="1",
         PYTHONDONTWRITEBYTECODE="1",

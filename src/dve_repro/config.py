@@ -1,6 +1,6 @@
 """Typed configuration, built in one place.
 
-Hydra composes the YAML groups under ``configs/`` (data, model, optim, schedule,
+Hydra composes the YAML groups under ``dve_repro/configs/`` (package data) (data, model, optim, schedule,
 trajectory, projection, embed, tsloo, baselines, runtime, experiment) with the user's
 ``key=value`` overrides; this module validates the result into the dataclasses below.
 Stage code only ever sees these dataclasses, never a ``DictConfig``.
@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -312,11 +313,12 @@ class Config:
 
 
 def config_dir() -> Path:
-    """The ``configs/`` folder: ``$DVE_CONFIG_DIR`` or the one beside the package's source tree."""
+    """The config tree: ``$DVE_CONFIG_DIR``, or the ``configs/`` shipped inside the package
+    (package data: an editable install, ``pip install .`` and a wheel all find it)."""
     env = os.environ.get("DVE_CONFIG_DIR")
     if env:
         return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / "configs").resolve()
+    return Path(str(resources.files("dve_repro") / "configs")).resolve()
 
 
 def list_experiments() -> list[str]:
