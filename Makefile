@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv test test-slow test-slow-only gpu-check mutants lint format reproduce ablate bench train clean-runs
+.PHONY: help venv lock test test-slow test-slow-only gpu-check mutants lint format reproduce ablate bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP) ## Create the virtual environment (once; a stamp file skips it afterwards)
+
+lock: $(STAMP) ## Rewrite requirements.lock with the exact versions installed in .venv (after changing a dependency)
+	$(PY) -m pip freeze --all --exclude-editable | grep -v -i -E '^(ai2-olmo|pip|wheel)==' | LC_ALL=C sort -f > requirements.lock
 
 test: $(STAMP) ## Run the default test suite (offline, CPU, no slow/gpu tests)
 	$(PY) -m pytest -m "not slow and not gpu" -q
