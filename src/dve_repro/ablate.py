@@ -107,7 +107,5 @@ def plot_ablation(table: pd.DataFrame, out: Path) -> None:
                 ax.set_ylabel("Spearman vs TSLOO", fontsize=8)
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"ablations.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
+    artifacts.save_figure(fig, out, "ablations")
     plt.close(fig)

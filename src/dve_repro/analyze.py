@@ -84,12 +84,6 @@ def _record_command(out: Path, key: str) -> None:
     artifacts.record_command(out, key, "dve " + " ".join(sys.argv[1:]))
 
 
-def _save_figure(fig, out: Path, stem: str) -> None:
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"{stem}.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
-
-
 # --------------------------------------------------------------------------- E3: phases
 
 
@@ -174,7 +168,7 @@ def _plot_phases(table: pd.DataFrame, title: str, out: Path) -> None:
     ax2.tick_params(labelsize=7, colors="tab:green")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, out, "phases")
+    artifacts.save_figure(fig, out, "phases")
     plt.close(fig)
 
 
@@ -266,7 +260,7 @@ def _plot_dynamics(table: pd.DataFrame, T: int, title: str, out: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, out, "dynamics")
+    artifacts.save_figure(fig, out, "dynamics")
     plt.close(fig)
 
 

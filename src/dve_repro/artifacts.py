@@ -74,6 +74,15 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def save_figure(fig: Any, folder: str | Path, stem: str, formats: tuple[str, ...] = ("png", "pdf")) -> None:
+    """``folder/stem.<fmt>`` for each format, written atomically at 130 dpi. Reproducible bytes:
+    the PDF carries no creation date, so regenerating a figure from the same numbers leaves the
+    committed file unchanged."""
+    for ext in formats:
+        with atomic_path(Path(folder) / f"{stem}.{ext}") as tmp:
+            fig.savefig(tmp, dpi=130, format=ext, metadata={"CreationDate": None} if ext == "pdf" else None)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -302,9 +302,7 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
     chars_per_inch = 11 if size == 10 else 16
     fig.suptitle(textwrap.fill(title, width=int(chars_per_inch * 2.6 * len(methods))), fontsize=size)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"scatter.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
+    artifacts.save_figure(fig, out, "scatter")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(methods)), 3.5))
@@ -321,9 +319,7 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"correlations.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
+    artifacts.save_figure(fig, out, "correlations")
     plt.close(fig)
 
 

@@ -276,9 +276,7 @@ def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
         ax.tick_params(labelsize=7)
     axes[0][-1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"decomposition.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
+    artifacts.save_figure(fig, out, "decomposition")
     plt.close(fig)
 
 

@@ -308,12 +308,6 @@ def fitted_flipped(run: TrainedRun, steps: list[int], flipped: np.ndarray) -> li
 # --------------------------------------------------------------------------- outputs
 
 
-def _save_figure(fig, out: Path, stem: str) -> None:
-    for ext in ("png", "pdf"):
-        with artifacts.atomic_path(out / f"{stem}.{ext}") as tmp:
-            fig.savefig(tmp, dpi=130, format=ext)
-
-
 def plot_detection(
     values: dict, flipped: np.ndarray, summary: pd.DataFrame, out: Path, title: str
 ) -> None:
@@ -337,7 +331,7 @@ def plot_detection(
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, out, "detection")
+    artifacts.save_figure(fig, out, "detection")
     plt.close(fig)
 
 
@@ -370,7 +364,7 @@ def plot_epochs(epochs: pd.DataFrame, all_epoch_auroc: float, out: Path, title: 
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, out, "epochs")
+    artifacts.save_figure(fig, out, "epochs")
     plt.close(fig)
 
 

@@ -150,11 +150,6 @@ _COLORS = {"never": "tab:gray", "always": "tab:blue", "early_late": "tab:green",
            "late": "tab:red"}
 
 
-def _savefig(fig, path: Path) -> None:
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-
-
 def _plot_curves(curves: pd.DataFrame, out: Path, name: str, early_end: int, late_start: int, T: int) -> None:
     import matplotlib
 
@@ -183,7 +178,7 @@ def _plot_curves(curves: pd.DataFrame, out: Path, name: str, early_end: int, lat
     bx.legend(fontsize=8)
     fig.suptitle(name)
     fig.tight_layout()
-    _savefig(fig, out / "curves.png")
+    artifacts.save_figure(fig, out, "curves", ("png",))
     plt.close(fig)
 
 
@@ -212,5 +207,5 @@ def _plot_gain_vs_cost(table: pd.DataFrame, out: Path, name: str) -> None:
     ax.set_xlim(-0.05, 1.12)
     ax.set_title(f"{name}: gain over never against selection cost (± sd over seeds)", fontsize=9)
     fig.tight_layout()
-    _savefig(fig, out / "gain_vs_cost.png")
+    artifacts.save_figure(fig, out, "gain_vs_cost", ("png",))
     plt.close(fig)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dve_repro.cli import app
@@ -18,12 +17,7 @@ SUMMARY_COLUMNS = ["method", "setting", "convention", "n", "spearman", "spearman
 METHODS = {"dvemb", "unrolled-hessian", "unrolled-ef", "influence", "tracin", "grad-dot"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_compare_tsloo_writes_tables_and_figures(tiny, tmp_path):

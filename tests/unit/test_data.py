@@ -17,14 +17,7 @@ from dve_repro.data import flip_labels, load_image_data
 from dve_repro.errors import DveError
 from dve_repro.train import run_training, train_dir
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.cache

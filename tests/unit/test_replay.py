@@ -25,13 +25,7 @@ from dve_repro.trajectory import TRAJECTORY, ckpt_path
 REMOVAL_RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train_tiny(root, *extra: str) -> TrainedRun:

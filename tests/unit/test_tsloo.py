@@ -39,13 +39,7 @@ def tiny_overrides(root, *extra: str) -> list[str]:
     return ["experiment=tiny_mlp", f"runtime.out_root={root}", "runtime.progress=false", *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
