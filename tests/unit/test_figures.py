@@ -8,9 +8,9 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from dve_repro import artifacts  # noqa: E402
+from dve_repro import artifacts
 
 
 def _figure():
