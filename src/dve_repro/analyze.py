@@ -181,7 +181,7 @@ def _estimator_kind(meta: dict) -> str:
 
 def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, compute: bool = True) -> Path:
     """E3 (paper Fig. 1a) for the embedding named by ``cfg``; returns the results folder."""
-    from dve_repro.compare import markdown_table
+    from dve_repro.tables import markdown_table
 
     ui.set_enabled(cfg.runtime.progress)
     embed_path = ensure_embedding(cfg, overrides, compute)

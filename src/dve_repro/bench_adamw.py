@@ -127,7 +127,7 @@ def bench_adamw(
     finally:
         torch.set_num_threads(before)
     df = pd.DataFrame(rows)
-    from dve_repro.compare import markdown_table
+    from dve_repro.tables import markdown_table
 
     header = (
         f"# AdamW-aware recursion vs the SGD recursion (Algorithm 1)\n\n"

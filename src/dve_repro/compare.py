@@ -48,6 +48,7 @@ from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
 from dve_repro.stats import correlation_ci, pearson, spearman
+from dve_repro.tables import markdown_table
 
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
 
@@ -242,14 +243,6 @@ def estimates(run: TrainedRun, jobs: pd.DataFrame, occ_scores: dict, idx_scores:
     for name, s in idx_scores.items():
         out[name] = np.asarray(s)[jobs["index"].to_numpy()]
     return out
-
-
-def markdown_table(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
-    """A GitHub markdown table (floats formatted with ``fmt``)."""
-    cells = [[fmt.format(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(r) + " |" for r in cells]
-    return "\n".join(lines) + "\n"
 
 
 def summarize(jobs: pd.DataFrame, truth: np.ndarray, est: dict[str, np.ndarray], n_boot: int, seed: int) -> pd.DataFrame:

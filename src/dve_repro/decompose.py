@@ -221,7 +221,7 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
 
 
 def _markdown(table: pd.DataFrame, cfg: Config, run: TrainedRun) -> str:
-    from dve_repro.compare import markdown_table
+    from dve_repro.tables import markdown_table
 
     keep = table[table["convention"] == "keep"].copy()
     keep["spearman (95% CI)"] = [f"{r.spearman:.3f} [{r.spearman_lo:.3f}, {r.spearman_hi:.3f}]"
@@ -285,10 +285,10 @@ def collect_stored(root: Path) -> Path:
     --results root/<setting>``, the stored embedding's (``dvemb``) Spearman with its interval
     (keep convention), p̃, storage of E and the gradients, and its times (basis fit, capture,
     Algorithm 1, scoring), read from the folders its ``COMMAND.txt`` names."""
-    from dve_repro.compare import markdown_table
     from dve_repro.config import compose
     from dve_repro.embed import embed_dir
     from dve_repro.projection_fit import basis_dir
+    from dve_repro.tables import markdown_table
     from dve_repro.tasks import build_task
     from dve_repro.train import capture_blocks
 

@@ -41,6 +41,7 @@ from dve_repro.config import Config, fingerprint, section, stage_payload, to_dic
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
 from dve_repro.self_influence import self_influence
+from dve_repro.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,11 @@ def fitted_flipped(run: TrainedRun, steps: list[int], flipped: np.ndarray) -> li
 # --------------------------------------------------------------------------- outputs
 
 
+# digits of the auroc.md columns (the rest: 3); a missing value is an empty cell
+MD_FORMATS = {"auroc": "{:.3f}", "ap": "{:.3f}", "found_at_10pct": "{:.2f}", "flipped_fitted": "{:.2f}",
+              "seconds": "{:.1f}"}
+
+
 def plot_detection(
     values: dict, flipped: np.ndarray, summary: pd.DataFrame, out: Path, title: str
 ) -> None:
@@ -366,22 +372,6 @@ def plot_epochs(epochs: pd.DataFrame, all_epoch_auroc: float, out: Path, title: 
     fig.tight_layout()
     artifacts.save_figure(fig, out, "epochs")
     plt.close(fig)
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    fmt = {"auroc": 3, "ap": 3, "found_at_10pct": 2, "flipped_fitted": 2, "seconds": 1}
-
-    def cell(col, v):
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.{fmt.get(col, 3)}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += [
-        "| " + " | ".join(cell(c, v) for c, v in zip(df.columns, row, strict=True)) + " |"
-        for row in df.itertuples(index=False)
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _with_ci(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -526,14 +516,15 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         f"({b.bootstrap} resamples). `found_at_10pct`: share of flipped labels among the lowest "
         f"{INSPECT:.0%} of values.",
         "",
-        _md_table(
+        markdown_table(
             _with_ci(summary, ["dataset", "method"]).assign(
                 found_at_10pct=summary["found_at_10pct"],
                 value=summary["value"],
                 direction=summary["direction"],
                 seconds=summary["seconds"],
                 note=summary["note"],
-            )
+            ),
+            formats=MD_FORMATS, nan="",
         ),
         f"## DVEmb of each epoch alone ({label})",
         "",
@@ -541,12 +532,13 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         "`flipped_fitted`: share of flipped points the model predicts as their flipped label at "
         "the end of the epoch; `train_acc` is measured against the given (noisy) labels.",
         "",
-        _md_table(
+        markdown_table(
             _with_ci(ep, ["dataset", "epoch"]).assign(
                 flipped_fitted=ep["flipped_fitted"],
                 train_acc=ep["train_acc"],
                 val_acc=ep["val_acc"],
-            )
+            ),
+            formats=MD_FORMATS, nan="",
         ),
     ]
     artifacts.write_text(out / "auroc.md", "\n".join(md))

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from dve_repro import artifacts
-from dve_repro.compare import markdown_table
 from dve_repro.config import Config
+from dve_repro.tables import markdown_table
 
 RULES = {"early_late_min_gain": 0.8, "early_late_max_cost": 0.2, "early_gain_range": (0.3, 0.7),
          "always_gain_min_se": 2.0}
