@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -210,7 +211,7 @@ class EmbedConfig:
 
 
 @dataclass
-class TsllooConfig:
+class TslooConfig:
     n_points: int = 200
     selection: str = "uniform"  # uniform | balanced | all
     seed: int = 0
@@ -295,15 +296,16 @@ class Config:
 
     name: str = "mnist_mlp"  # experiment name; run directories group under it
     seed: int = 0
-    data: Any = None
-    model: Any = None
+    # the data and model groups pick one of these (configs/data/*.yaml, configs/model/*.yaml)
+    data: ImageDataConfig | TextDataConfig = field(default_factory=ImageDataConfig)
+    model: MLPConfig | CNNConfig | GPTNeoXModelConfig = field(default_factory=MLPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
-    tsloo: TsllooConfig = field(default_factory=TsllooConfig)
+    tsloo: TslooConfig = field(default_factory=TslooConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -407,6 +409,24 @@ def _structured(schema: type, values: Any, where: str) -> Any:
         raise ConfigError(f"bad configuration in {where}: {_first_line(exc)}") from None
 
 
+# Config for OmegaConf, which cannot type a field as a union of dataclasses: data and model are
+# left open there and validated by their own schema (DATA_SCHEMAS / MODEL_SCHEMAS, by name).
+def _schema() -> type:
+    hints = typing.get_type_hints(Config)
+    fields = []
+    for f in dataclasses.fields(Config):
+        if f.name in ("data", "model"):
+            fields.append((f.name, Any, dataclasses.field(default=None)))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, hints[f.name], dataclasses.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
+    return dataclasses.make_dataclass("Config", fields)  # the name OmegaConf messages show
+
+
+_SCHEMA = _schema()
+
+
 def from_dict(container: dict[str, Any]) -> Config:
     """Validate a plain dict (a composed config or a saved ``config.json``) into :class:`Config`."""
     container = dict(container)
@@ -424,9 +444,11 @@ def from_dict(container: dict[str, Any]) -> Config:
             f"model.name={mname} cannot train on data.name={dname}: a gpt_neox model needs text data "
             "(data=text or data=pile), an mlp or cnn needs images (data=mnist or data=cifar10)"
         )
-    cfg = _structured(Config, container, "config")
-    cfg.data = _structured(DATA_SCHEMAS[dname], data, "data")
-    cfg.model = _structured(MODEL_SCHEMAS[mname], model, "model")
+    fixed = _structured(_SCHEMA, container, "config")
+    cfg = Config(**{f.name: getattr(fixed, f.name) for f in dataclasses.fields(Config)
+                    if f.name not in ("data", "model")},
+                 data=_structured(DATA_SCHEMAS[dname], data, "data"),
+                 model=_structured(MODEL_SCHEMAS[mname], model, "model"))
     validate(cfg)
     return cfg
 
