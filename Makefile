@@ -55,7 +55,7 @@ reproduce: $(STAMP) ## Regenerate every committed result and figure under result
 	$(VENV)/bin/dve compare-tsloo experiment=mnist_mlp
 
 ablate: $(STAMP) ## Ablation map (projection, M blocks, lr, epochs, activation) → results/mnist_ablation/ablations/
-	$(VENV)/bin/dve ablate experiment=mnist_ablation "projection.k_in=16,32,64,128" "embed.blocks=full,layer" \
+	$(VENV)/bin/dve ablate experiment=mnist_ablation --results results/mnist_ablation/ablations "projection.k_in=16,32,64,128" "embed.blocks=full,layer" \
 		"optim.lr=0.05,0.1,0.2,0.4" "train.epochs=1,3,5" "model.activation=relu,tanh,gelu,softplus"
 
 bench: $(STAMP) ## Embedding and ground-truth benchmarks → results/bench/

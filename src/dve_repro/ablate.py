@@ -15,7 +15,6 @@ their caches keyed by what each reads); the small outputs are
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -60,12 +59,11 @@ def one_at_a_time(overrides: list[str]) -> list[tuple[str, str, list[str]]]:
     return jobs
 
 
-def run_ablation(overrides: list[str], results_dir: Path | None = None) -> Path:
+def run_ablation(overrides: list[str], results_dir: Path, command: str | None = None) -> Path:
     from dve_repro.compare import run_compare
 
     jobs = one_at_a_time(overrides)
-    base = compose([o for o in overrides if "," not in o.split("=", 1)[-1]])
-    out = Path(results_dir) if results_dir else Path("results") / base.name / "ablations"
+    out = Path(results_dir)
     rows = []
     for n, (knob, value, ov) in enumerate(jobs, start=1):
         ui.log(f"[{n}/{len(jobs)}] {knob}={value}")
@@ -76,7 +74,8 @@ def run_ablation(overrides: list[str], results_dir: Path | None = None) -> Path:
     table = pd.concat(rows, ignore_index=True)
     artifacts.save_table(out / "ablations.csv", table)
     plot_ablation(table, out)
-    artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n")
+    if command:
+        artifacts.write_text(out / "COMMAND.txt", command + "\n")
     return out
 
 

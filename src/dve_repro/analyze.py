@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +72,16 @@ def _train_run_of(embed_path: Path) -> Path:
     return Path(meta["train_run"])
 
 
-def _results_dir(cfg: Config, results: Path | None) -> Path:
-    out = Path(results) if results else Path("results") / cfg.name
+def _results_dir(results: Path) -> Path:
+    out = Path(results)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _record_command(out: Path, key: str) -> None:
+def _record_command(out: Path, key: str, command: str | None) -> None:
     """Keep one ``key: command`` line per output family in ``COMMAND.txt``."""
-    artifacts.record_command(out, key, "dve " + " ".join(sys.argv[1:]))
+    if command:
+        artifacts.record_command(out, key, command)
 
 
 # --------------------------------------------------------------------------- E3: phases
@@ -179,7 +179,8 @@ def _estimator_kind(meta: dict) -> str:
     return "SGD proxy" if meta["estimator"].startswith("SGD proxy") else "SGD"
 
 
-def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, compute: bool = True) -> Path:
+def run_phases(cfg: Config, overrides: list[str], results: Path, compute: bool = True,
+               command: str | None = None) -> Path:
     """E3 (paper Fig. 1a) for the embedding named by ``cfg``; returns the results folder."""
     from dve_repro.tables import markdown_table
 
@@ -190,7 +191,7 @@ def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, c
     meta = artifacts.read_json(embed_path / "embedding.json")
     table = phase_table(scores, traj.lrs, cfg.schedule.warmup_steps)
     summary, ratios = phase_summary(table)
-    out = _results_dir(cfg, results)
+    out = _results_dir(results)
     artifacts.save_table(out / "phases.csv", table)
     md = [f"# {cfg.name}: influence of each step's batch on the final validation loss, ÷ η_t (paper Fig. 1a)",
           "", f"Estimator: {meta['estimator']}; p̃ = {meta['p_tilde']}; gradients: "
@@ -206,7 +207,7 @@ def run_phases(cfg: Config, overrides: list[str], results: Path | None = None, c
     _plot_phases(table, f"{cfg.name} ({kind}): warm-up÷basin {ratios['warmup_over_basin']:.2f} "
                  f"(|·| {ratios['warmup_over_basin_abs']:.2f}), late÷basin {ratios['late_over_basin']:.2f} "
                  f"(|·| {ratios['late_over_basin_abs']:.2f})", out)
-    _record_command(out, "phases")
+    _record_command(out, "phases", command)
     ui.log(f"phases: warm-up/basin {ratios['warmup_over_basin']:.3f} (|.| {ratios['warmup_over_basin_abs']:.3f}), "
            f"late/basin {ratios['late_over_basin']:.3f} (|.| {ratios['late_over_basin_abs']:.3f}) -> {out}")
     return out
@@ -264,7 +265,8 @@ def _plot_dynamics(table: pd.DataFrame, T: int, title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def run_dynamics(cfg: Config, overrides: list[str], results: Path | None = None, compute: bool = True) -> Path:
+def run_dynamics(cfg: Config, overrides: list[str], results: Path, compute: bool = True,
+                 command: str | None = None) -> Path:
     """E4 (paper Fig. 4) from Algorithm 2's dynamics; returns the results folder."""
     if cfg.embed.algorithm != 2:
         ui.log("dynamics need Algorithm 2: using embed.algorithm=2")
@@ -280,10 +282,10 @@ def run_dynamics(cfg: Config, overrides: list[str], results: Path | None = None,
     meta = artifacts.read_json(embed_path / "embedding.json")
     T = int(bounds[-1])
     table = dynamics_table(dyn, occ["step"].to_numpy(), bounds, T)
-    out = _results_dir(cfg, results)
+    out = _results_dir(results)
     artifacts.save_table(out / "dynamics.csv", table)
     kind = _estimator_kind(meta)
     _plot_dynamics(table, T, f"{cfg.name}: data value dynamics, K={len(bounds) - 1} segments ({kind})", out)
-    _record_command(out, "dynamics")
+    _record_command(out, "dynamics", command)
     ui.log(f"dynamics over checkpoints {bounds[1:]} -> {out}")
     return out

@@ -28,12 +28,51 @@ OVERRIDE_HELP = (
     "value with `key=value`, a list with `key=[a,b]`."
 )
 
+RESULTS_HELP = ("Output folder (default results/<experiment> for the experiment as committed; with overrides "
+                "besides experiment= and runtime.*, an ignored folder under runtime.out_root).")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="dve — data value embeddings (Wang et al., ICLR 2025) and their check against retraining.",
     pretty_exceptions_enable=False,
 )
+
+
+def command_line(name: str, overrides: list[str] | None) -> str:
+    """The command as typed (``dve`` + its arguments), for the ``COMMAND.txt`` beside results;
+    when dve runs inside another program (``CliRunner``, a notebook) its ``sys.argv`` is that
+    program's, and the command is rebuilt from its name and overrides."""
+    argv = sys.argv
+    if len(argv) > 1 and Path(argv[0]).name in ("dve", "__main__.py") and argv[1] == name.split()[0]:
+        return " ".join(["dve", *argv[1:]])
+    return " ".join(["dve", name, *(overrides or [])])
+
+
+def default_results(cfg, overrides: list[str], kind: str, sub: str = "") -> Path:
+    """Where a command writes when ``--results`` is not given: ``results/<experiment>[/sub]`` for
+    the experiment as committed (no override besides ``experiment=`` and ``runtime.*``); any
+    other override makes an ad-hoc run, written under the ignored run root
+    (``<out_root>/<experiment>/<kind>-<fingerprint of those overrides>/``) so that it never
+    replaces the committed results (a message names the folder)."""
+    from dve_repro.config import fingerprint
+
+    extra = sorted(o for o in overrides if not o.startswith(("experiment=", "runtime.")))
+    if not extra:
+        return Path("results") / cfg.name / sub if sub else Path("results") / cfg.name
+    return Path(cfg.runtime.out_root) / cfg.name / f"{kind}-{fingerprint(extra)}"
+
+
+def _results(cfg, overrides: list[str] | None, explicit: Path | None, kind: str, sub: str = "") -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    out = default_results(cfg, list(overrides or []), kind, sub)
+    if not out.is_relative_to("results") or out.parts[:2] == ("results", "runs"):
+        from dve_repro import ui
+
+        ui.log(f"ad-hoc overrides: writing to {out} (the committed results/{cfg.name}/ is written only by the "
+               "experiment as committed, or with --results)")
+    return out
 
 
 @app.callback()
@@ -197,7 +236,7 @@ def verify(run_dir: Path = typer.Argument(..., help="A run folder or a folder of
 @guarded
 def compare_tsloo(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
     shard: str = typer.Option(None, "--shard", help="Only compute ground-truth shard i/n (e.g. 0/2); "
                               "rerun without --shard once all shards are done to merge and compare."),
     force: bool = typer.Option(False, "--force", help="Recompute the comparison's cached method scores."),
@@ -216,11 +255,13 @@ def compare_tsloo(
         jobs = expand_multirun(overrides or [])
     for job in jobs:
         cfg = _setup(job)
-        target = results
         if multirun:
             tag = ",".join(o for o in job if o not in (overrides or [])) or "base"
-            target = (results or Path("results") / cfg.name / "multirun") / tag
-        out = run_compare(cfg, target, force=force, shard=shard, per_point=per_point)
+            target = (results or Path(cfg.runtime.out_root) / cfg.name / "multirun") / tag
+        else:
+            target = _results(cfg, job, results, "compare")
+        out = run_compare(cfg, target, force=force, shard=shard, per_point=per_point,
+                          command=command_line("compare-tsloo", job))
         if out is None:
             typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
         else:
@@ -234,7 +275,7 @@ def compare_tsloo(
 @guarded
 def decompose_projection(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>/decomposition)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP.replace("<experiment>", "<experiment>/decomposition")),
     curvatures: str = typer.Option("ef,gn,mc", "--curvatures", help="Comma-separated: ef, gn, mc."),
     kinds: str = typer.Option("kronecker,kfac", "--kinds", help="Comma-separated projections: kronecker, kfac, pca, gradcov."),
     sizes: str = typer.Option("32x32,32x64,32x128,16x256,32x256,32x512", "--sizes",
@@ -243,9 +284,10 @@ def decompose_projection(
     from dve_repro.decompose import parse_sizes, run_decomposition
 
     cfg = _setup(overrides or [])
-    out = results or Path("results") / cfg.name / "decomposition"
+    out = _results(cfg, overrides, results, "decomposition", "decomposition")
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-    typer.echo(str(run_decomposition(cfg, out, split(curvatures), split(kinds), parse_sizes(sizes))))
+    typer.echo(str(run_decomposition(cfg, out, split(curvatures), split(kinds), parse_sizes(sizes),
+                                     command=command_line("decompose-projection", overrides))))
 
 
 @app.command(help="Map where the estimator can be trusted: sweep each `key=a,b,c` override alone (others "
@@ -253,12 +295,16 @@ def decompose_projection(
 @guarded
 def ablate(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>/ablations)."),
+    results: Path = typer.Option(None, "--results", help="Output folder (default: an ignored folder under "
+                                 "runtime.out_root; `make ablate` writes the committed results/<experiment>/ablations)."),
 ) -> None:
     from dve_repro.ablate import run_ablation
 
-    _setup([o for o in (overrides or []) if "," not in o.split("=", 1)[-1]])
-    typer.echo(str(run_ablation(overrides or [], results)))
+    fixed = [o for o in (overrides or []) if "," not in o.split("=", 1)[-1]]
+    cfg = _setup(fixed)
+    # a sweep is always ad hoc: the committed map is written by `make ablate` (its --results)
+    out = _results(cfg, ["ablate", *(overrides or [])], results, "ablate")
+    typer.echo(str(run_ablation(overrides or [], out, command=command_line("ablate", overrides))))
 
 
 @app.command("detect-mislabeled", help="E6: mislabeled-data detection with label noise. Trains and embeds "
@@ -269,14 +315,14 @@ def ablate(
 @guarded
 def detect_mislabeled(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
     force: bool = typer.Option(False, "--force", help="Recompute the cached method values."),
 ) -> None:
     from dve_repro.detect import run_detect
 
     cfg = _setup(overrides or [])
-    command = " ".join(["dve detect-mislabeled", *(overrides or [])])
-    typer.echo(str(run_detect(cfg, results, force=force, command=command)))
+    out = _results(cfg, overrides, results, "detect")
+    typer.echo(str(run_detect(cfg, out, force=force, command=command_line("detect-mislabeled", overrides))))
 
 
 @app.command(help="E5 (paper Fig. 1b): online data selection by gradient alignment with a validation batch, "
@@ -287,12 +333,13 @@ def detect_mislabeled(
 @guarded
 def select(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
 ) -> None:
     from dve_repro.select import run_select
 
-    _setup(overrides or [])
-    typer.echo(str(run_select(overrides or [], results)))
+    cfg = _setup(overrides or [])
+    out = _results(cfg, overrides, results, "select")
+    typer.echo(str(run_select(overrides or [], out, command=command_line("select", overrides))))
 
 
 bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory and ratios → results/bench/.",
@@ -378,13 +425,15 @@ _COMPUTE_HELP = "Train and embed when missing (default); --no-compute gives a on
 @guarded
 def analyze_phases(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
     compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
 ) -> None:
     from dve_repro.analyze import run_phases
 
     cfg = _setup(overrides or [])
-    typer.echo(str(run_phases(cfg, overrides or [], results, compute=compute)))
+    out = _results(cfg, overrides, results, "phases")
+    typer.echo(str(run_phases(cfg, overrides or [], out, compute=compute,
+                               command=command_line("analyze phases", overrides))))
 
 
 @analyze_app.command("dynamics", help="E4 (paper Fig. 4): influence of the early / middle / late thirds of training "
@@ -393,13 +442,15 @@ def analyze_phases(
 @guarded
 def analyze_dynamics(
     overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help="Output folder (default results/<experiment>)."),
+    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
     compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
 ) -> None:
     from dve_repro.analyze import run_dynamics
 
     cfg = _setup(overrides or [])
-    typer.echo(str(run_dynamics(cfg, overrides or [], results, compute=compute)))
+    out = _results(cfg, overrides, results, "dynamics")
+    typer.echo(str(run_dynamics(cfg, overrides or [], out, compute=compute,
+                                 command=command_line("analyze dynamics", overrides))))
 
 
 def main() -> None:

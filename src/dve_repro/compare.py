@@ -36,7 +36,6 @@ Per-point baselines give one value whatever the setting: ``influence``, ``tracin
 from __future__ import annotations
 
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
@@ -316,11 +315,12 @@ def plot(summary: pd.DataFrame, tidy: pd.DataFrame, out: Path, title: str) -> No
     plt.close(fig)
 
 
-def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = False, shard: str | None = None,
-                figures: bool = True, per_point: bool | None = None) -> Path | None:
-    """Train → embed → TSLOO → methods → tables and figures. Returns the results folder
+def run_compare(cfg: Config, results_dir: Path, force: bool = False, shard: str | None = None,
+                figures: bool = True, per_point: bool | None = None, command: str | None = None) -> Path | None:
+    """Train → embed → TSLOO → methods → tables and figures in ``results_dir``. Returns it
     (None when only a shard of the ground truth was computed). ``per_point`` runs the
-    per-point baselines; None = yes for classifiers, no for language models."""
+    per-point baselines; None = yes for classifiers, no for language models. ``command``
+    (the command line that asked for it) goes to ``COMMAND.txt``."""
     from dve_repro.embed import run_embedding
     from dve_repro.train import run_training
     from dve_repro.tsloo import run_tsloo
@@ -331,11 +331,11 @@ def run_compare(cfg: Config, results_dir: Path | None = None, force: bool = Fals
     if not (gt_path / artifacts.DONE).is_file():
         return None
     embed_path = run_embedding(cfg, run)
-    return _compare(cfg, run, gt_path, embed_path, results_dir, figures, per_point, force)
+    return _compare(cfg, run, gt_path, embed_path, results_dir, figures, per_point, force, command)
 
 
-def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, results_dir: Path | None,
-             figures: bool, per_point: bool | None, force: bool = False) -> Path:
+def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, results_dir: Path,
+             figures: bool, per_point: bool | None, force: bool = False, command: str | None = None) -> Path:
     from dve_repro.tsloo import load_ground_truth
 
     jobs, truth = load_ground_truth(gt_path)
@@ -352,7 +352,7 @@ def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, resu
         for name, e in est.items()
     ], ignore_index=True)
     summary = summarize(jobs, truth, est, cfg.baselines.bootstrap, cfg.baselines.bootstrap_seed)
-    out = Path(results_dir) if results_dir else Path("results") / cfg.name
+    out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     artifacts.save_table(out / "tidy.csv", tidy)
     artifacts.save_table(out / "summary.csv", summary)
@@ -364,7 +364,8 @@ def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, resu
              f"p̃={embed_meta['p_tilde']}")
     if figures:
         plot(summary, tidy, out, title)
-    artifacts.write_text(out / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
+    if command:
+        artifacts.write_text(out / "COMMAND.txt", command + "\n")
     cg = folders["influence"] / "influence_cg.json" if "influence" in folders else None
     if cg is not None and cg.is_file():  # did the inverse-Hessian solve converge?
         artifacts.write_json(out / "influence_cg.json", artifacts.read_json(cg))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +176,7 @@ def cached_scores(cfg: Config, run: TrainedRun, blocks, settings: list[Setting],
 
 
 def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: list[str],
-                      sizes: list[tuple[int, int]]) -> Path:
+                      sizes: list[tuple[int, int]], command: str | None = None) -> Path:
     """Ground truth (made or reused), every setting's scores, the tables and the figure."""
     from dve_repro.compare import estimates, summarize
     from dve_repro.train import capture_blocks, run_training
@@ -216,7 +215,8 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     artifacts.write_text(results / "decomposition.md", _markdown(table, cfg, run))
     _plot(table, results, projectors_for(cfg, run, blocks, [Setting("ef", "kronecker", cfg.projection.k_out,
                                                                      cfg.projection.k_in, "full")]))
-    artifacts.write_text(results / "COMMAND.txt", "dve " + " ".join(sys.argv[1:]) + "\n" if sys.argv else "")
+    if command:
+        artifacts.write_text(results / "COMMAND.txt", command + "\n")
     return results
 
 

@@ -387,7 +387,7 @@ def _with_ci(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def run_detect(
     cfg: Config,
-    results_dir: Path | None = None,
+    results_dir: Path,
     force: bool = False,
     command: str = "",
     figures: bool = True,
@@ -488,7 +488,7 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         ]
     )
 
-    out = Path(results_dir) if results_dir else Path("results") / cfg.name
+    out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(
         {
@@ -550,7 +550,8 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
             out,
             f"E6 — {label}: DVEmb AUROC from each epoch alone",
         )
-    artifacts.write_text(out / "COMMAND.txt", (command or "dve detect-mislabeled") + "\n")
+    if command:
+        artifacts.write_text(out / "COMMAND.txt", command + "\n")
     rd.mark_done({"results": str(out), "timings": timings})
     ui.log(f"detection results -> {out}")
     return out

@@ -271,7 +271,7 @@ def _check_all(configs: dict[tuple[str, int], Config]) -> None:
     selection_split(task, first)
 
 
-def run_select(overrides: list[str], results: Path | None = None) -> Path:
+def run_select(overrides: list[str], results: Path, command: str | None = None) -> Path:
     """Train every schedule × seed of the configured experiment (reusing finished runs) and
     write ``selection.{csv,md}``, ``curves.{csv,png}`` and ``gain_vs_cost.png``."""
     from dve_repro.train import run_training
@@ -291,25 +291,13 @@ def run_select(overrides: list[str], results: Path | None = None) -> Path:
         r = runs[-1]
         ui.log(f"select: {schedule} seed {seed}: final validation loss {r['final_val_loss']:.4f}, "
                f"{r['selecting_steps']} selecting steps, {r['select_seconds']:.1f}s selecting")
-    out = Path(results) if results else default_results(base, overrides)
+    out = Path(results)
     out.mkdir(parents=True, exist_ok=True)
     from dve_repro.select_report import write_report
 
-    write_report(runs, base, out, command=" ".join(["dve select", *overrides]))
+    write_report(runs, base, out, command=command)
     ui.log(f"select: {len(configs)} runs in {time.perf_counter() - t0:.0f}s -> {out}")
     return out
-
-
-def default_results(cfg: Config, overrides: list[str]) -> Path:
-    """``results/<experiment>/`` for the experiment as committed (only ``experiment=`` and
-    ``runtime.*`` given); any other override is an ad-hoc run and goes to an ignored folder
-    under the run root, named by its overrides, so it never replaces the committed results."""
-    from dve_repro.config import fingerprint
-
-    extra = sorted(o for o in overrides if not o.startswith(("experiment=", "runtime.")))
-    if not extra:
-        return Path("results") / cfg.name
-    return Path(cfg.runtime.out_root) / cfg.name / f"select-{fingerprint(extra)}"
 
 
 def _summarise_run(path: Path, schedule: str, seed: int) -> dict:

@@ -101,7 +101,7 @@ def verdicts(table: pd.DataFrame, n_seeds: int) -> dict[str, str]:
     return out
 
 
-def write_report(runs: list[dict], cfg: Config, out: Path, command: str) -> None:
+def write_report(runs: list[dict], cfg: Config, out: Path, command: str | None = None) -> None:
     """selection.csv (one row per run), curves.csv, selection.md, curves.png, gain_vs_cost.png."""
     frame = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curve", "run")} for r in runs])
     curves = pd.concat([r["curve"].assign(schedule=r["schedule"], seed=r["seed"]) for r in runs], ignore_index=True)
@@ -118,7 +118,7 @@ def write_report(runs: list[dict], cfg: Config, out: Path, command: str) -> None
     early_end, late_start = windows(sel, cfg.schedule.warmup_steps, T)
     lines = [
         f"# {cfg.name}: online data selection timed by the influence phases (E5, paper Fig. 1b)", "",
-        f"Command: `{command}`", "",
+        *([f"Command: `{command}`", ""] if command else []),
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); T = {T} steps of {cfg.train.batch_size} × "
         f"{getattr(cfg.data, 'seq_len', 1)} tokens; pool = {sel.pool_factor:g} × batch; score = "
         f"{'η_t·' if sel.lr_scaled else ''}{'⟨g_i, g_val⟩' if sel.score == 'dot' else 'cos(g_i, g_val)'} on "
@@ -143,7 +143,8 @@ def write_report(runs: list[dict], cfg: Config, out: Path, command: str) -> None
     artifacts.write_text(out / "selection.md", "\n".join(lines))
     _plot_curves(curves, out, cfg.name, early_end, late_start, T)
     _plot_gain_vs_cost(table, out, cfg.name)
-    artifacts.record_command(out, "select", command)
+    if command:
+        artifacts.record_command(out, "select", command)
 
 
 _COLORS = {"never": "tab:gray", "always": "tab:blue", "early_late": "tab:green", "early": "tab:orange",

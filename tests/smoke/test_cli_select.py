@@ -63,11 +63,11 @@ def test_dve_select_refuses_bad_windows_before_training(tmp_path):
 
 
 def test_ad_hoc_overrides_never_write_the_committed_results(tmp_path):
+    from dve_repro.cli import default_results
     from dve_repro.config import compose
-    from dve_repro.select import default_results
 
     cfg = compose(["experiment=pythia_tiny_selection"])
-    assert default_results(cfg, ["experiment=pythia_tiny_selection", "runtime.progress=false"]) == \
+    assert default_results(cfg, ["experiment=pythia_tiny_selection", "runtime.progress=false"], "select") == \
         Path("results/pythia_tiny_selection")
-    adhoc = default_results(cfg, ["experiment=pythia_tiny_selection", "select.seeds=[0]"])
+    adhoc = default_results(cfg, ["experiment=pythia_tiny_selection", "select.seeds=[0]"], "select")
     assert adhoc.parent == Path(cfg.runtime.out_root) / "pythia_tiny_selection" and adhoc.name.startswith("select-")
