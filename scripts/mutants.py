@@ -508,6 +508,13 @@ CATALOGUE: tuple[Mutant, ...] = (
         "AUROC ranks the wrong end",
     ),
     M(
+        "ap-ties-split",
+        "detect.py",
+        "last = np.append(np.flatnonzero(np.diff(v) != 0), len(v) - 1)",
+        "last = np.arange(len(v))",
+        "average precision steps through tied values one at a time",
+    ),
+    M(
         "detect-bootstrap-without-replacement",
         "detect.py",
         "rng.choice(pos, len(pos)), rng.choice(neg, len(neg))",
