@@ -514,6 +514,21 @@ CATALOGUE: tuple[Mutant, ...] = (
         "last = np.arange(len(v))",
         "average precision steps through tied values one at a time",
     ),
+    # ---------------------------------------------------------------- text (Pile shards)
+    M(
+        "zstd-truncation-unchecked",
+        "text.py",
+        'raise EOFError("the last zstd frame is truncated")',
+        "pass",
+        "a zstd shard cut off inside its last frame is read as if it ended there",
+    ),
+    M(
+        "zstd-first-frame-only",
+        "text.py",
+        "chunk, dobj, fed = dobj.unused_data, dctx.decompressobj(), False",
+        'chunk, dobj, fed = b"", dctx.decompressobj(), False',
+        "multi-frame zstd shards: the bytes after the first frame dropped",
+    ),
     M(
         "detect-bootstrap-without-replacement",
         "detect.py",
