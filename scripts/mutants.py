@@ -44,6 +44,7 @@ FIRST = (
     "test_oracles_lm",
     "test_bootstrap",
     "test_oracles_unroll",
+    "test_oracles_adamw_unroll",
     "test_oracles_baselines",
     "test_oracles_tsloo",
     "test_oracles_embed",
@@ -113,6 +114,20 @@ CATALOGUE: tuple[Mutant, ...] = (
         "AdamW unrolling scores on the wrong sign",
     ),
     M(
+        "adamw-unroll-curvature-sign",
+        "unroll.py",
+        "lt = {k: lt[k] + cv[k] for k in lt}",
+        "lt = {k: lt[k] - cv[k] for k in lt}",
+        "AdamW unrolling: curvature path δg = −C δθ",
+    ),
+    M(
+        "adamw-unroll-mc-seed",
+        "unroll.py",
+        "lg, n, curvature, mc_samples, mc_seed * 1_000_003 + t)",
+        "lg, n, curvature, mc_samples, mc_seed * 1_000_003 + t + 1)",
+        "AdamW unrolling: Monte-Carlo labels drawn with the next step's seed",
+    ),
+    M(
         "adamw-embedding-beta-swap",
         "embedding_adamw.py",
         "Am[b].mul_(st.beta1)",
@@ -160,6 +175,34 @@ CATALOGUE: tuple[Mutant, ...] = (
         "coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)",
         "coef = max_norm / (norm + 1e-6)",
         "clipping also scales small gradients up",
+    ),
+    M(
+        "lr-warmup-off-by-one",
+        "optim.py",
+        "f = (t + 1) / cfg.warmup_steps",
+        "f = t / cfg.warmup_steps",
+        "warm-up starts from lr 0 and peaks one step late",
+    ),
+    M(
+        "lr-decay-span",
+        "optim.py",
+        "span = max(1, total_steps - cfg.warmup_steps)",
+        "span = max(1, total_steps)",
+        "decay spread over all T steps instead of the T − w after warm-up",
+    ),
+    M(
+        "adamw-lin-no-bias-correction",
+        "optim.py",
+        "self.a = lr / bc1",
+        "self.a = lr",
+        "linearised AdamW: step size without the first-moment bias correction",
+    ),
+    M(
+        "adamw-lin-adjoint-no-decay",
+        "optim.py",
+        "in_t[k] = self.decay * lt[k]",
+        "in_t[k] = lt[k]",
+        "linearised AdamW adjoint: decoupled weight decay (1 − ηλ) left out",
     ),
     # ---------------------------------------------------------------- embedding (Algorithms 1, 2)
     M(
@@ -312,6 +355,20 @@ CATALOGUE: tuple[Mutant, ...] = (
         "return _dot_rows(run, run.load_params(0)[0], queries)",
         "gradient dot product at θ_0",
     ),
+    M(
+        "tracin-first-lr",
+        "baselines.py",
+        "term = float(run.traj.lrs[c])",
+        "term = float(run.traj.lrs[0])",
+        "TracIn weighs every checkpoint by the first step's learning rate",
+    ),
+    M(
+        "if-cg-solution-sign",
+        "baselines.py",
+        "x = {k: x[k] + shape(alpha, x[k]) * p[k] for k in x}",
+        "x = {k: x[k] - shape(alpha, x[k]) * p[k] for k in x}",
+        "CG moves the solution against its search direction (the residual still converges)",
+    ),
     # ---------------------------------------------------------------- tsloo (ground truth)
     M(
         "tsloo-sign",
@@ -449,6 +506,28 @@ CATALOGUE: tuple[Mutant, ...] = (
         "ranks = rankdata(-values)",
         "ranks = rankdata(values)",
         "AUROC ranks the wrong end",
+    ),
+    M(
+        "ap-ties-split",
+        "detect.py",
+        "last = np.append(np.flatnonzero(np.diff(v) != 0), len(v) - 1)",
+        "last = np.arange(len(v))",
+        "average precision steps through tied values one at a time",
+    ),
+    # ---------------------------------------------------------------- text (Pile shards)
+    M(
+        "zstd-truncation-unchecked",
+        "text.py",
+        'raise EOFError("the last zstd frame is truncated")',
+        "pass",
+        "a zstd shard cut off inside its last frame is read as if it ended there",
+    ),
+    M(
+        "zstd-first-frame-only",
+        "text.py",
+        "chunk, dobj, fed = dobj.unused_data, dctx.decompressobj(), False",
+        'chunk, dobj, fed = b"", dctx.decompressobj(), False',
+        "multi-frame zstd shards: the bytes after the first frame dropped",
     ),
     M(
         "detect-bootstrap-without-replacement",

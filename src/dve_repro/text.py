@@ -130,7 +130,12 @@ def jsonl_shards(path: str) -> list[Path]:
 
 
 def _zstd_chunks(fh: io.BufferedReader) -> Iterator[bytes]:
-    """Decompressed bytes of a (multi-frame) zstd file; a truncated last frame is an error."""
+    """Decompressed bytes of a (multi-frame) zstd file; a truncated last frame is an error.
+
+    One ``decompressobj`` per frame rather than ``stream_reader(read_across_frames=True)``:
+    the stream reader (and a decompressobj reading across frames) hands back a cut-off last
+    frame as if the file had ended there, while a per-frame object's ``eof`` says whether
+    its frame was complete."""
     import zstandard
 
     dctx = zstandard.ZstdDecompressor(max_window_size=2**31)  # the Pile uses long windows

@@ -179,3 +179,44 @@ def sgd_iterates(run: TrainedRun, removed: dict[int, int] | None = None) -> list
         v = v - float(traj.lrs[t]) * (g + wd * v)
         out.append(v.detach())
     return out
+
+
+def query_matrix(flat: Flat, theta, task) -> torch.Tensor:
+    """[p, Q]: the mean validation loss's gradient, then each validation point's."""
+    mean = flat.grad(theta, task.x_val, task.y_val)
+    per = flat.grad(theta, task.x_val, task.y_val, mean=False)
+    return torch.cat([mean[None], per]).T
+
+
+def curvature_matrix(
+    flat: Flat, theta, x, y, kind: str, t: int, mc_samples: int, mc_seed: int
+) -> torch.Tensor | None:
+    """[p, p] curvature C_t of the mean loss over the batch (x, y) at θ (None for ``none``):
+    exact Hessian, Gauss-Newton from the logit Jacobian, empirical Fisher from one-at-a-time
+    gradients, Monte-Carlo Fisher from gradients at labels drawn with the documented seed."""
+    n = x.shape[0]
+    if kind == "none":
+        return None
+    if kind == "hessian":
+        return flat.hessian(theta, x, y)
+    if kind == "ef":
+        g = flat.grad(theta, x, y, mean=False)
+        return g.T @ g / n
+    if kind == "gn":
+        J = flat.logit_jacobian(theta, x)  # [B, C, p]
+        with torch.no_grad():
+            p = torch.softmax(flat.task.logits(flat.dict(theta), x), -1)
+        H_out = (
+            torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        )  # softmax-CE Hessian in the logits
+        return torch.einsum("bcp,bcd,bdq->pq", J, H_out, J) / n
+    # mc: labels drawn from the model's prediction, mc_samples draws from seed mc_seed·1_000_003 + t
+    with torch.no_grad():
+        probs = torch.softmax(flat.task.logits(flat.dict(theta), x).double(), -1)
+    gen = torch.Generator().manual_seed(mc_seed * 1_000_003 + t)
+    C = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
+    for _ in range(mc_samples):
+        labels = torch.multinomial(probs, 1, generator=gen).view(-1)
+        g = flat.grad(theta, x, labels, mean=False)
+        C += g.T @ g
+    return C / (n * mc_samples)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn import metrics
 
 from dve_repro.config import compose
 from dve_repro.data import _read_cifar_batches, load_image_data
@@ -20,6 +22,7 @@ from dve_repro.replay import TrainedRun
 from dve_repro.self_influence import grad_sq_norms, self_influence
 from dve_repro.train import run_training
 
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -160,21 +163,40 @@ def test_e6_flips_exactly_ten_percent_to_other_classes():
 
 
 def test_auroc_and_average_precision_match_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
+    """The fast forms against the field's definitions (scikit-learn is in requirements.lock:
+    a missing reference fails here rather than skipping), with ties of every density."""
     rng = np.random.default_rng(0)
-    for trial in range(20):
-        n = int(rng.integers(20, 200))
-        flipped = rng.random(n) < 0.2
+    for trial in range(60):
+        n = int(rng.integers(5, 200))
+        flipped = rng.random(n) < rng.uniform(0.05, 0.5)
         flipped[:2] = [True, False]
         values = rng.normal(size=n) - flipped
-        if trial % 2:
-            values = np.round(values, 1)  # ties
+        if trial % 3:
+            values = np.round(values, trial % 3 - 1)  # ties: one decimal, or whole numbers
         assert auroc(values, flipped) == pytest.approx(
             metrics.roc_auc_score(flipped, -values), abs=1e-12
         )
         assert average_precision(values, flipped) == pytest.approx(
             metrics.average_precision_score(flipped, -values), abs=1e-12
         )
+
+
+def test_committed_detection_table_is_scikit_learns():
+    """results/mnist_noise/auroc.csv holds scikit-learn's AUROC and AP of its values.csv, and
+    the metrics here give the same numbers from them."""
+    folder = ROOT / "results" / "mnist_noise"
+    values = pd.read_csv(folder / "values.csv")
+    table = pd.read_csv(folder / "auroc.csv").set_index("method")
+    flipped = values["flipped"].to_numpy().astype(bool)
+    assert 0 < flipped.sum() < len(flipped) and len(table) >= 5
+    for method, row in table.iterrows():
+        v = values[method].to_numpy()
+        assert row["auroc"] == pytest.approx(metrics.roc_auc_score(flipped, -v), abs=1e-12), method
+        assert row["ap"] == pytest.approx(
+            metrics.average_precision_score(flipped, -v), abs=1e-12
+        ), method
+        assert auroc(v, flipped) == pytest.approx(row["auroc"], abs=1e-12), method
+        assert average_precision(v, flipped) == pytest.approx(row["ap"], abs=1e-12), method
 
 
 def test_metrics_on_hand_cases():

@@ -6,6 +6,10 @@ I − η_t (C_t + λI) densely (exact Hessian by autograd; Gauss-Newton from the
 empirical Fisher from one-at-a-time gradients; Monte-Carlo Fisher from gradients at labels
 drawn with the documented seed) and scores step t's points as w_t g_t(z)ᵀ A_{t+1} ⋯ A_{T−1} u
 with w_t = η_t/|B_t| (SPEC §2; the matrices are symmetric, so the transpose reverses the order).
+
+For the exact (``hessian``) case a second reference skips the SPEC's formula altogether: it
+differentiates the SGD update θ ↦ θ − η(∇_θ Σ_j w_j ℓ_j + λθ) by autograd, in θ and in the
+batch's loss weights w, and chains those Jacobians from the removal to the final loss.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle_runs import Flat, classifier_task, sgd_iterates, train
+from oracle_runs import Flat, classifier_task, curvature_matrix, query_matrix, sgd_iterates, train
 
 from dve_repro.errors import DveError
 from dve_repro.unroll import query_gradients, unrolled_scores
 
 # The matrix-free path (jvp/vjp) and the dense products round differently; both are float64
-# on O(1) numbers over 9 steps (measured ~1e-15 relative), so 1e-9 relative leaves room for
-# rounding only. A curvature term off by a factor, a sign or a step moves scores by > 1e-3.
-UNROLL_RTOL = 1e-9
+# on O(1) numbers over 12 steps (measured ≤ 5e-16 relative for every curvature and for the
+# autograd Jacobians of the update), so 1e-10 relative leaves room for rounding only. A
+# curvature term off by a factor, a sign or a step moves scores by > 1e-3.
+UNROLL_RTOL = 1e-10
 MC_SAMPLES, MC_SEED = 2, 3
 
 
@@ -47,42 +52,6 @@ def thetas(run):
     return sgd_iterates(run)
 
 
-def query_matrix(flat: Flat, theta, task) -> torch.Tensor:
-    """[p, Q]: the mean validation loss's gradient, then each validation point's."""
-    mean = flat.grad(theta, task.x_val, task.y_val)
-    per = flat.grad(theta, task.x_val, task.y_val, mean=False)
-    return torch.cat([mean[None], per]).T
-
-
-def curvature_matrix(flat: Flat, theta, x, y, kind: str, t: int) -> torch.Tensor | None:
-    n = x.shape[0]
-    if kind == "none":
-        return None
-    if kind == "hessian":
-        return flat.hessian(theta, x, y)
-    if kind == "ef":
-        g = flat.grad(theta, x, y, mean=False)
-        return g.T @ g / n
-    if kind == "gn":
-        J = flat.logit_jacobian(theta, x)  # [B, C, p]
-        with torch.no_grad():
-            p = torch.softmax(flat.task.logits(flat.dict(theta), x), -1)
-        H_out = (
-            torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        )  # softmax-CE Hessian in the logits
-        return torch.einsum("bcp,bcd,bdq->pq", J, H_out, J) / n
-    # mc: labels drawn from the model's prediction, MC_SAMPLES draws from seed mc_seed·1_000_003 + t
-    with torch.no_grad():
-        probs = torch.softmax(flat.task.logits(flat.dict(theta), x).double(), -1)
-    gen = torch.Generator().manual_seed(MC_SEED * 1_000_003 + t)
-    C = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
-    for _ in range(MC_SAMPLES):
-        labels = torch.multinomial(probs, 1, generator=gen).view(-1)
-        g = flat.grad(theta, x, labels, mean=False)
-        C += g.T @ g
-    return C / (n * MC_SAMPLES)
-
-
 def explicit_scores(run, thetas, kind: str) -> np.ndarray:
     task, traj = run.task, run.traj
     flat = Flat(task, run.final_params())
@@ -96,7 +65,7 @@ def explicit_scores(run, thetas, kind: str) -> np.ndarray:
         lr, n = float(traj.lrs[t]), x.shape[0]
         G = flat.grad(thetas[t], x, y, mean=False)
         out[offsets[t] : offsets[t + 1]] = (lr / n * G @ V).numpy()
-        C = curvature_matrix(flat, thetas[t], x, y, kind, t)
+        C = curvature_matrix(flat, thetas[t], x, y, kind, t, MC_SAMPLES, MC_SEED)
         A = torch.eye(p, dtype=torch.float64) * (1 - lr * wd)
         if C is not None:
             A = A - lr * C
@@ -156,3 +125,40 @@ def test_unrolling_refuses_momentum(tmp_path):
     q = query_gradients(run, run.final_params(), run.task.x_val, run.task.y_val)
     with pytest.raises(DveError, match="plain-SGD"):
         unrolled_scores(run, q, "ef")
+
+
+def _sgd_step(flat: Flat, x, y, lr: float, wd: float):
+    """The recorded SGD step as a function of θ [p] and the batch's loss weights w [|B|]:
+    θ − η (∇_θ Σ_j w_j ℓ_j(θ) + λ θ); training uses w_j = 1/|B|."""
+
+    def step(theta, w):
+        g = torch.autograd.grad((flat.losses(theta, x, y) * w).sum(), theta, create_graph=True)[0]
+        return theta - lr * (g + wd * theta)
+
+    return step
+
+
+def test_hessian_unroll_equals_product_of_step_jacobians(run, thetas):
+    """The exact first-order effect of leaving a point out, without the SPEC's formula: each
+    step's Jacobian in θ and in the batch weights by autograd of the update itself, chained
+    from the removal (Δw_j = −1/|B|) to the final validation loss (removal minus kept)."""
+    task, traj = run.task, run.traj
+    flat = Flat(task, run.final_params())
+    wd = run.cfg.optim.weight_decay
+    V = query_matrix(flat, thetas[-1], task)  # [p, Q]: ∂L_q/∂θ_T
+    offsets = traj.offsets()
+    want = np.zeros((int(offsets[-1]), V.shape[1]))
+    for t in range(run.T - 1, -1, -1):
+        x, y = task.batch(traj.batches[t])
+        n = x.shape[0]
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        J_theta, J_w = torch.autograd.functional.jacobian(
+            _sgd_step(flat, x, y, float(traj.lrs[t]), wd), (thetas[t], w)
+        )  # [p, p], [p, |B|]
+        want[offsets[t] : offsets[t + 1]] = (-J_w / n).T.numpy() @ V.numpy()
+        V = J_theta.T @ V
+    q = query_gradients(run, run.final_params(), task.x_val, task.y_val)
+    got = unrolled_scores(run, q, "hessian")
+    scale = float(np.abs(want).max())
+    err = float(np.abs(got - want).max())
+    assert err <= UNROLL_RTOL * scale, f"max |Δ| {err:.3e} vs scale {scale:.3e}"

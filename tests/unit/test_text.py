@@ -193,6 +193,10 @@ def test_bad_inputs_are_one_line_errors_naming_file_and_line(pile, tmp_path):
     assert f"{zst}:" in _error(_cfg(folder, tmp_path)) and "truncated" in _error(
         _cfg(folder, tmp_path)
     )
+    # a whole first frame, then a cut-off second one (what a stream reader would let through)
+    cctx = zstandard.ZstdCompressor()
+    zst.write_bytes(cctx.compress(_lines(_docs(0, 20))) + cctx.compress(_lines(_docs(20, 20)))[:-20])
+    assert "truncated" in _error(_cfg(folder, tmp_path))
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "cache").iterdir())
 
 
