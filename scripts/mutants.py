@@ -538,16 +538,16 @@ CATALOGUE: tuple[Mutant, ...] = (
     ),
     M(
         "compare-bootstrap-without-replacement",
-        "compare.py",
-        "i = rng.integers(0, len(x), len(x))",
-        "i = rng.permutation(len(x))",
+        "stats.py",
+        "np.random.default_rng(seed).integers(0, n, (n_boot, n))",
+        "np.stack([np.random.default_rng(seed).permutation(n) for _ in range(n_boot)])",
         "correlation bootstrap resamples without replacement",
     ),
     M(
         "compare-bootstrap-upper-percentile",
-        "compare.py",
-        "np.percentile(vals, 97.5)",
-        "np.percentile(vals, 75)",
+        "stats.py",
+        "np.percentile(row_pearson(xs, ys), [2.5, 97.5])",
+        "np.percentile(row_pearson(xs, ys), [2.5, 75])",
         "upper interval bound at the 75th percentile",
     ),
 )

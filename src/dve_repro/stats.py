@@ -67,5 +67,5 @@ def correlation_ci(x: np.ndarray, y: np.ndarray, kind: str, n_boot: int, seed: i
     xs, ys = xs[ok], ys[ok]
     if kind == "spearman":
         xs, ys = rankdata(xs, axis=1), rankdata(ys, axis=1)
-    vals = row_pearson(xs, ys)
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    lo, hi = np.percentile(row_pearson(xs, ys), [2.5, 97.5])
+    return float(lo), float(hi)
