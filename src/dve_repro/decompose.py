@@ -249,6 +249,7 @@ def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     keep = table[table["convention"] == "keep"]
     curvs, settings = list(dict.fromkeys(keep["curvature"])), list(dict.fromkeys(keep["setting"]))
@@ -257,10 +258,14 @@ def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
     for (r, st), (c, cv) in itertools.product(enumerate(settings), enumerate(curvs)):
         ax, d = axes[r][c], keep[(keep["setting"] == st) & (keep["curvature"] == cv)]
         for (kind, blocks), g in d[d["projection"] != "none"].groupby(["projection", "blocks"], sort=False):
-            g = g.sort_values("p_tilde")
-            ax.errorbar(g["p_tilde"], g["spearman"], yerr=[g["spearman"] - g["spearman_lo"],
-                        g["spearman_hi"] - g["spearman"]], marker="o", ms=3, capsize=2,
-                        ls="-" if blocks == "full" else "--", label=f"{kind}, M {blocks}")
+            # one line through the sizes of the most common k_out (p̃ grows with k_in); other
+            # shapes of the same storage as unconnected markers of the same colour
+            line = g[g["k_out"] == g["k_out"].mode().iloc[0]].sort_values("p_tilde")
+            bar = ax.errorbar(line["p_tilde"], line["spearman"], yerr=[line["spearman"] - line["spearman_lo"],
+                              line["spearman_hi"] - line["spearman"]], marker="o", ms=3, capsize=2, lw=1,
+                              ls="-" if blocks == "full" else "--", label=f"{kind}, M {blocks}")
+            other = g.drop(line.index)
+            ax.plot(other["p_tilde"], other["spearman"], ls="none", marker="x", ms=4, color=bar[0].get_color())
         for blocks, ls in (("full", "-"), ("layer", "--")):
             base = d[(d["projection"] == "none") & (d["blocks"] == blocks)]
             if len(base):
@@ -269,8 +274,11 @@ def _plot(table: pd.DataFrame, out: Path, configured: dict) -> None:
         for p in configured.values():
             ax.axvline(p.out_dim, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([1000, 2000, 5000, 10000, 20000]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{cv}, {st}-epoch removal", fontsize=9)
-        ax.set_xlabel("p̃ (stored numbers per occurrence)", fontsize=8)
+        ax.set_xlabel("p̃ (stored numbers per occurrence; x: other k_out × k_in)", fontsize=8)
         if c == 0:
             ax.set_ylabel("Spearman with TSLOO", fontsize=8)
         ax.tick_params(labelsize=7)
