@@ -330,31 +330,47 @@ class _Float32Factors(dict):
 
 class _TrainCapture:
     """Captures projected per-sample gradients inside the training step (no extra backward);
-    the rows go to the store through a background writer (``AsyncRowWriter``)."""
+    the rows go to the store through a background writer (``AsyncRowWriter``).
 
-    def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int):
+    With a Kronecker projection the hooks' inputs and output gradients are projected by the
+    fused :meth:`~dve_repro.projection.Projector.project_captured`; other projections
+    materialise the factors (:meth:`LinearFactorHooks.factors`). ``row_dtype``: the dtype the
+    rows are projected in — float32 rows for float32 storage (a float64 projection would be
+    rounded on the way to the disk anyway), None = the factors' dtype (bf16 → float32)."""
+
+    def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int,
+                 row_dtype: torch.dtype | None = None):
         from dve_repro.capture import AsyncRowWriter
 
         self.featurizer, self.store = featurizer, AsyncRowWriter(store)
         self.curvature, self.mc_samples, self.mc_seed = curvature, mc_samples, mc_seed
+        self.row_dtype = row_dtype
+        self.hooks = LinearFactorHooks(featurizer.task.model, featurizer.blocks)  # registered per step
 
     def step(self, task, params, state, t, x, y, w, lr, cfg):
         curv = None
         if self.curvature != "ef":
             curv = self.featurizer.curvature(params, x, y, self.curvature, self.mc_samples, self.mc_seed * 1_000_003 + t)
         if self.featurizer.engine == "hooks":
-            with LinearFactorHooks(task.model, self.featurizer.blocks) as hooks:
+            with self.hooks:
                 new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
-            factors = hooks.factors(w)
-            if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
-                factors = _Float32Factors(factors)
-            rows = self.featurizer.from_factors(factors)
-            del factors
+            rows = self._rows(w, cfg)
         else:
             rows = self.featurizer.features(params, x, y)
             new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
         self.store.write(t, rows, curv)
         return new_p, new_s, losses
+
+    def _rows(self, w: torch.Tensor, cfg: Config) -> torch.Tensor:
+        """[B, p̃] rows of the step the hooks just saw."""
+        projector = self.featurizer.projector
+        if projector.kronecker:
+            return projector.project_captured(self.hooks.captured(), 1.0 / w, self.row_dtype)
+        factors = self.hooks.factors(w)
+        if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
+            factors = _Float32Factors(factors)
+        rows = self.featurizer.from_factors(factors)
+        return rows if self.row_dtype is None else rows.to(self.row_dtype)
 
 
 def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture:
@@ -371,7 +387,8 @@ def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture
                            "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
                            "engine_layers": [b.name for b in blocks]},
                           rpp, cfg.embed.storage_dtype)
-    return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed)
+    row_dtype = torch.float32 if cfg.embed.storage_dtype == "float32" else None
+    return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed, row_dtype)
 
 
 def capture_blocks(task: Task):
