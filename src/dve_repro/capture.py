@@ -247,7 +247,7 @@ class AsyncRowWriter:
     ``waited_s``: seconds the training thread spent blocked here (a full queue, or a commit
     waiting for the queue to drain); ``written_s``: seconds the thread spent writing."""
 
-    def __init__(self, store: GradientStore, depth: int = 8):
+    def __init__(self, store: GradientStore, depth: int = 16):
         import queue
         import threading
 
