@@ -471,6 +471,20 @@ CATALOGUE: tuple[Mutant, ...] = (
         "Kronecker features laid out transposed",
     ),
     M(
+        "fused-capture-keeps-loss-weight",
+        "projection.py",
+        "pb = pb * scale.view(n, 1, 1)",
+        "pb = pb",
+        "fused training-step rows keep the 1/|B| loss weight",
+    ),
+    M(
+        "fused-capture-drops-bias-column",
+        "projection.py",
+        "torch.addmm(bias, x.reshape(-1, x.shape[-1]), in_t)",
+        "torch.mm(x.reshape(-1, x.shape[-1]), in_t)",
+        "fused training-step rows leave out the bias's column of P_in",
+    ),
+    M(
         "gaussian-scale",
         "projection.py",
         "/ math.sqrt(rows)",

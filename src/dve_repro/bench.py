@@ -161,9 +161,16 @@ class _Session:
 # ----------------------------------------------------------------------------- bench embed
 EMBED_NOTES = [
     "Times are medians over `repeats` rounds; inside a round every alternative runs once, one after "
-    "the other (same machine load). Training times are the training loop of `run_training` "
-    "(its DONE `seconds`: excludes data loading); `capture_overhead_wall` uses the whole call.",
-    "`*_1t` columns: the same two trainings at 1 torch thread, in the same rounds.",
+    "the other (same machine load; the order rotates between rounds). Training times are the training "
+    "loop of `run_training` (its DONE `seconds`: excludes data loading; includes waiting for the last "
+    "rows to be written); `capture_overhead_wall` uses the whole call.",
+    "`capture_overhead` = capture training ÷ plain training (aim ≤ 1.3 at p̃ = 4,426) with float32 rows "
+    "(`embed.storage_dtype` default, projected in float32); `capture_overhead_f64` with float64 rows "
+    "(the storage the float64 oracle experiments pin; the Algorithm 1/2 and LoGra columns use that run's G).",
+    "Capture profile: per-step milliseconds of the float32-row capture (see `_capture_profile` in "
+    "bench.py): the training step with and without the hooks, the projection, time blocked on the "
+    "background row writer, the writer's own time (overlapped), and the unexplained rest.",
+    "`*_1t` columns: the same trainings at 1 torch thread, in the same rounds.",
     "`capture_pts_per_s` = N_occ / capture-training time; `alg1_pts_per_s` = N_occ / Algorithm 1 "
     "time (in memory, float64, on the captured G); Algorithm 2 uses K=4 even segments, `w0` in "
     "process, `w2` two worker processes (their pool start-up is included; the forkserver it forks from is started once, untimed, in a warm-up).",
@@ -180,7 +187,8 @@ EMBED_NOTES = [
 
 EMBED_SPEED_COLS = [
     "experiment", "epochs", "T", "p_tilde", "N_occ", "repeats",
-    "plain_train_s", "capture_train_s", "capture_overhead", "capture_overhead_wall", "capture_pts_per_s",
+    "plain_train_s", "capture_train_s", "capture_overhead", "capture_f64_train_s", "capture_overhead_f64",
+    "capture_overhead_wall", "capture_pts_per_s",
     "alg1_s", "alg1_pts_per_s", "alg1_gflops", "matmul_gflops", "matmul_over_alg1",
     "alg2_w0_s", "alg2_w0_pts_per_s", "alg2_w2_s", "alg2_w2_pts_per_s", "alg2_vs_alg1_rel_diff",
     "logra_s", "logra_pts_per_s",
@@ -219,8 +227,9 @@ def _matmul_seconds(rows: int, p: int, min_s: float = 0.2) -> float:
     return total / n
 
 
-def _train_once(overrides: list[str]) -> tuple[float, float, Path]:
-    """(training-loop seconds, whole-call seconds, run dir) of a forced fresh training."""
+def _train_once(overrides: list[str]) -> tuple[float, float, Path, dict]:
+    """(training-loop seconds, whole-call seconds, run dir, the loop's profile) of a forced
+    fresh training (profile: see ``_TrainCapture.profile``; ``step_s`` alone without capture)."""
     from dve_repro import artifacts
     from dve_repro.config import compose
     from dve_repro.train import run_training
@@ -228,7 +237,7 @@ def _train_once(overrides: list[str]) -> tuple[float, float, Path]:
     cfg = compose(overrides)
     wall, path = _timed(lambda: run_training(cfg, force=True))
     done = artifacts.read_json(Path(path) / artifacts.DONE)
-    return float(done.get("seconds", wall)), wall, Path(path)
+    return float(done.get("seconds", wall)), wall, Path(path), dict(done.get("profile", {}))
 
 
 def _embed_warmup(sess: _Session, spec: dict) -> None:
@@ -241,7 +250,7 @@ def _embed_warmup(sess: _Session, spec: dict) -> None:
     embedding.algorithm2(g, list(range(0, 17, 2)), [0.1] * 8, [0, 4, 8], workers=2)
 
 
-def _embed_round(sess: _Session, cfg, spec_ov: list[str], train_threads: list[int], flip: bool,
+def _embed_round(sess: _Session, cfg, spec_ov: list[str], train_threads: list[int], flip: int,
                  add: Callable[[str, float], None], info: dict) -> None:
     """One round of every alternative for one (T, p̃) configuration, one after the other."""
     from dve_repro import embedding
@@ -249,16 +258,21 @@ def _embed_round(sess: _Session, cfg, spec_ov: list[str], train_threads: list[in
     from dve_repro.replay import TrainedRun
     from dve_repro.trajectory import Trajectory
 
-    # training: alternate which goes first, so neither always sees a warm cache
+    # training: rotate which goes first, so none always sees a warm cache. capture = float32
+    # rows (the default storage), capture_f64 = float64 rows (the oracle experiments' storage).
     cap_path = None
+    kinds = ["plain", "capture", "capture_f64"]
     for th in train_threads:
         tag = "" if th == sess.threads else f"_{th}t"
-        for kind in (["capture", "plain"] if flip else ["plain", "capture"]):
-            ov = sess.overrides(*spec_ov, f"trajectory.capture={str(kind == 'capture').lower()}", threads=th)
-            loop_s, wall_s, path = _train_once(ov)
+        for kind in kinds[flip:] + kinds[:flip]:
+            ov = sess.overrides(*spec_ov, f"trajectory.capture={str(kind != 'plain').lower()}",
+                                f"embed.storage_dtype={'float64' if kind == 'capture_f64' else 'float32'}", threads=th)
+            loop_s, wall_s, path, profile = _train_once(ov)
             add(f"{kind}{tag}_train_s", loop_s)
             add(f"{kind}{tag}_wall_s", wall_s)
-            cap_path = path if kind == "capture" else cap_path
+            for k, v in profile.items():
+                add(f"{kind}{tag}_prof_{k}", v)
+            cap_path = path if kind == "capture_f64" else cap_path
     torch.set_num_threads(sess.threads)
     assert cap_path is not None
 
@@ -311,7 +325,7 @@ def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
     rounds, last = 0, 0.0
     while rounds < repeats and (rounds == 0 or time.perf_counter() - row_t0 + last <= row_budget_s):
         r0 = time.perf_counter()
-        _embed_round(sess, cfg, spec_ov, train_threads, rounds % 2 == 1,
+        _embed_round(sess, cfg, spec_ov, train_threads, rounds % 3,
                      lambda k, v: m.setdefault(k, []).append(v), info)
         rounds += 1
         last = time.perf_counter() - r0
@@ -324,9 +338,11 @@ def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
     extra = {}
     for th in other_threads:
         if th != sess.threads:
-            plain, cap = med[f"plain_{th}t_train_s"], med[f"capture_{th}t_train_s"]
+            plain, cap, f64 = (med[f"{k}_{th}t_train_s"] for k in ("plain", "capture", "capture_f64"))
             extra |= {f"plain_train_{th}t_s": plain, f"capture_train_{th}t_s": cap,
-                      f"capture_overhead_{th}t": cap / plain}
+                      f"capture_overhead_{th}t": cap / plain, f"capture_overhead_f64_{th}t": f64 / plain}
+    for th in train_threads:
+        extra |= _capture_profile(m, info["T"], "" if th == sess.threads else f"_{th}t")
     return {
         "experiment": spec["experiment"], "epochs": spec["epochs"], "T": info["T"],
         "k_in": spec["k_in"], "k_out": spec["k_out"], "p_tilde": p, "N_occ": n_occ, "n_train": n_train,
@@ -334,6 +350,8 @@ def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
         "plain_train_s": med["plain_train_s"], "capture_train_s": med["capture_train_s"],
         "capture_overhead": med["capture_train_s"] / med["plain_train_s"],
         "capture_overhead_wall": med["capture_wall_s"] / med["plain_wall_s"],
+        "capture_f64_train_s": med["capture_f64_train_s"],
+        "capture_overhead_f64": med["capture_f64_train_s"] / med["plain_train_s"],
         "capture_pts_per_s": n_occ / med["capture_train_s"],
         **extra,
         "alg1_s": med["alg1_s"], "alg1_pts_per_s": n_occ / med["alg1_s"],
@@ -351,6 +369,28 @@ def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
         "mem_logra_bytes": info["logra_bytes"] + 256 * p * 8 + info["proj_bytes"],
         "mem_method": "analytic",
     }
+
+
+PROFILE_FIELDS = ["plain_step_ms", "capture_step_ms", "hooks_ms", "project_ms", "queue_wait_ms", "writer_ms",
+                  "other_ms"]
+
+
+def _capture_profile(m: dict[str, list[float]], T: int, tag: str) -> dict[str, float]:
+    """Per-step milliseconds (medians over the rounds) of the float32-row capture training
+    against the plain one at one thread count (``tag`` "" or "_1t"): ``plain_step_ms`` /
+    ``capture_step_ms`` the training step (forward, backward, update; with the hooks on for
+    capture), ``hooks_ms`` their difference, ``project_ms`` the projection, ``queue_wait_ms``
+    the training thread blocked on the row writer, ``writer_ms`` the writer thread's copies and
+    writes (in the background), ``other_ms`` the rest of the capturing loop's extra time over
+    the plain loop (enqueueing, the writer competing for the cores, noise)."""
+    ms = lambda k: 1e3 * _median(m.get(k, [])) / T  # noqa: E731
+    plain, cap = ms(f"plain{tag}_prof_step_s"), ms(f"capture{tag}_prof_step_s")
+    project, wait = ms(f"capture{tag}_prof_project_s"), ms(f"capture{tag}_prof_queue_wait_s")
+    extra = ms(f"capture{tag}_train_s") - ms(f"plain{tag}_train_s")
+    out = {"plain_step_ms": plain, "capture_step_ms": cap, "hooks_ms": cap - plain, "project_ms": project,
+           "queue_wait_ms": wait, "writer_ms": ms(f"capture{tag}_prof_writer_s"),
+           "other_ms": extra - (cap - plain) - project - wait}
+    return {f"{k}{tag}": v for k, v in out.items()}
 
 
 def bench_embed(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None,
@@ -378,14 +418,24 @@ def bench_embed(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats
                      f"alg1 {row['alg1_s']:.2f}s ({row['alg1_gflops']:.1f} GFLOP/s), "
                      f"alg2 {row['alg2_w0_s']:.2f}s / {row['alg2_w2_s']:.2f}s, logra {row['logra_s']:.2f}s")
         df = pd.DataFrame(rows)
+        others = [th for th in other_threads if th != threads]
         speed_cols = list(EMBED_SPEED_COLS)
         at = speed_cols.index("capture_pts_per_s") + 1
-        speed_cols[at:at] = [c for th in other_threads if th != threads
-                             for c in (f"plain_train_{th}t_s", f"capture_train_{th}t_s", f"capture_overhead_{th}t")]
+        speed_cols[at:at] = [c for th in others
+                             for c in (f"plain_train_{th}t_s", f"capture_train_{th}t_s", f"capture_overhead_{th}t",
+                                       f"capture_overhead_f64_{th}t")]
+        capture_cols = ["experiment", "epochs", "p_tilde", "capture_overhead", "capture_overhead_f64",
+                        *[c for th in others for c in (f"capture_overhead_{th}t", f"capture_overhead_f64_{th}t")]]
+        profile_cols = ["experiment", "epochs", "p_tilde", *PROFILE_FIELDS,
+                        *[f"{c}_{th}t" for th in others for c in PROFILE_FIELDS]]
         header = _header("dve bench embed" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
         _write_outputs(out_dir, "embed", df, header, EMBED_NOTES,
-                       [("Speed", speed_cols), ("Memory and storage", EMBED_MEM_COLS)])
+                       [("Capture overhead (capture training ÷ plain training)", capture_cols),
+                        ("Capture profile (ms per step, float32 rows)", profile_cols),
+                        ("Speed", speed_cols), ("Memory and storage", EMBED_MEM_COLS)])
         if sess.show:
+            _print_table("dve bench embed — capture overhead", df, capture_cols)
+            _print_table("dve bench embed — capture profile (ms per step)", df, profile_cols)
             _print_table("dve bench embed — speed", df, speed_cols)
             _print_table("dve bench embed — memory and storage", df, EMBED_MEM_COLS)
     return df
@@ -552,9 +602,12 @@ LM_NOTES = [
     "All measurements in one process on a freshly initialised model (speed does not depend on "
     "training progress); step times are medians over `steps` rounds, and inside a round the plain "
     "step and the capturing step run one right after the other (same load).",
-    "`capture_overhead` = capturing step ÷ plain step − 1: the hooks keep every captured linear's input "
-    "and output gradient, and the Kronecker projection turns them into p̃ numbers per sequence "
-    "(no extra backward).",
+    "`capture_overhead` = capturing step ÷ plain step (aim ≤ 1.1 on pythia_tiny): the hooks keep every "
+    "captured linear's input and output gradient, and the fused Kronecker projection turns them into "
+    "p̃ float32 numbers per sequence (no extra backward); the rows go to a background writer.",
+    "Capture profile: `hooked_step_s` = the capturing step's forward + backward + update with the hooks "
+    "on (compare `plain_step_s`), `project_s` = its projection, `queue_wait_s` = time blocked on the "
+    "row writer; `*_1t` the same at 1 torch thread, in the same rounds.",
     "`alg1_pts_per_s`: Algorithm 1 with one M per layer (embed.blocks=layer) on float32 rows of "
     "`alg1_steps` steps; `mem_alg1_bytes` (analytic) = per-layer M's (Σ p̃_l²·8) + one chunk of 64 "
     "steps of rows and embeddings; `mem_full_M_bytes` = one p̃×p̃ float64 M over all layers.",
@@ -569,7 +622,9 @@ LM_NOTES = [
 ]
 LM_COLS = [
     "model", "params", "capture_layers", "captured_params", "device", "dtype", "batch", "seq_len", "p_tilde",
-    "plain_step_s", "capture_step_s", "capture_overhead", "train_pts_per_s", "capture_pts_per_s",
+    "plain_step_s", "capture_step_s", "capture_overhead", "hooked_step_s", "project_s", "queue_wait_s",
+    "plain_step_1t_s", "capture_step_1t_s", "capture_overhead_1t", "hooked_step_1t_s", "project_1t_s",
+    "queue_wait_1t_s", "train_pts_per_s", "capture_pts_per_s",
     "alg1_steps", "alg1_pts_per_s", "mem_alg1_bytes", "mem_full_M_bytes", "peak_gpu_bytes",
     "storage_bytes_per_point", "storage_run_bytes", "query_pts_per_s", "recompute_pts_per_s",
 ]
@@ -590,10 +645,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int = 16) -> dict:
+def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int = 16,
+           other_threads: Sequence[int] = ()) -> dict:
     """One benchmark row for the language model named by ``overrides`` (composed on top of
-    ``experiment=pythia_tiny`` unless they name another experiment). Also used by
-    ``scripts/gpu_410m.py``."""
+    ``experiment=pythia_tiny`` unless they name another experiment). ``other_threads``: torch
+    thread counts at which the plain and the capturing step are timed too, in the same rounds
+    (columns ``*_{n}t``)."""
     from dve_repro import embedding
     from dve_repro.capture import Featurizer
     from dve_repro.config import compose
@@ -631,10 +688,31 @@ def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int 
         return out
 
     plain(), capture()  # warm-up (lazy init, allocator, projection matrices)
-    t_plain, t_cap = [], []
-    for _ in range(steps):
-        t_plain.append(_timed(plain)[0])
-        t_cap.append(_timed(capture)[0])
+    main = torch.get_num_threads()
+    thread_list = [main, *[t for t in other_threads if t != main]]
+    times: dict[str, list[float]] = {}
+    for r in range(steps):
+        for th in thread_list:
+            torch.set_num_threads(th)
+            tag = "" if th == main else f"_{th}t"
+            for kind in (("plain", "capture") if r % 2 == 0 else ("capture", "plain")):
+                before = cap.profile()
+                times.setdefault(f"{kind}{tag}", []).append(_timed(plain if kind == "plain" else capture)[0])
+                if kind == "capture":
+                    for k, v in cap.profile().items():
+                        times.setdefault(f"{k}{tag}", []).append(v - before[k])
+    torch.set_num_threads(main)
+    cap.store.flush()
+    t_plain, t_cap = times["plain"], times["capture"]
+    per_thread = {}
+    for th in thread_list:
+        tag = "" if th == main else f"_{th}t"
+        pl, cp = _median(times[f"plain{tag}"]), _median(times[f"capture{tag}"])
+        if tag:
+            per_thread |= {f"plain_step{tag}_s": pl, f"capture_step{tag}_s": cp, f"capture_overhead{tag}": cp / pl}
+        per_thread |= {f"hooked_step{tag}_s": _median(times[f"step_s{tag}"]),
+                       f"project{tag}_s": _median(times[f"project_s{tag}"]),
+                       f"queue_wait{tag}_s": _median(times[f"queue_wait_s{tag}"])}
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
     p = proj.out_dim
     # Algorithm 1 on alg1_steps steps of (tiled) captured rows: its cost does not depend on values.
@@ -666,7 +744,7 @@ def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int 
         "capture_layers": cfg.model.capture_layers, "captured_params": n_captured, "device": device, "dtype": cfg.train.dtype, "batch": B,
         "seq_len": cfg.data.seq_len, "p_tilde": p,
         "plain_step_s": _median(t_plain), "capture_step_s": _median(t_cap),
-        "capture_overhead": _median(t_cap) / _median(t_plain) - 1,
+        "capture_overhead": _median(t_cap) / _median(t_plain), **per_thread,
         "train_pts_per_s": B / _median(t_plain), "capture_pts_per_s": B / _median(t_cap),
         "alg1_steps": alg1_steps, "alg1_pts_per_s": alg1_steps * B / t_alg1,
         "mem_alg1_bytes": mem_alg1, "mem_full_M_bytes": p * p * 8, "peak_gpu_bytes": peak,
@@ -687,13 +765,18 @@ def bench_lm(out_dir: Path, quick: bool = False, *, threads: int = 2, steps: int
         for name, ov in specs:
             sess.say(f"bench lm: {name}")
             rows.append(lm_row([*ov, "runtime.device=cpu", "train.dtype=float32"], steps,
-                               alg1_steps=16 if quick else 64))
+                               alg1_steps=16 if quick else 64, other_threads=(1,)))
         df = pd.DataFrame(rows, columns=LM_COLS)
         header = _header("dve bench lm" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
+    col = LM_COLS.index
+    overhead = ["model", "p_tilde", *LM_COLS[col("plain_step_s") : col("queue_wait_1t_s") + 1]]
+    throughput = [*LM_COLS[: col("capture_overhead") + 1],
+                  *LM_COLS[col("train_pts_per_s") : col("alg1_pts_per_s") + 1], "query_pts_per_s", "recompute_pts_per_s"]
+    memory = ["model", "p_tilde", *LM_COLS[col("mem_alg1_bytes") : col("storage_run_bytes") + 1]]
     _write_outputs(out_dir, "lm", df, header, LM_NOTES,
-                   [("Throughput", [*LM_COLS[:16], "query_pts_per_s", "recompute_pts_per_s"]),
-                    ("Memory and storage", ["model", "p_tilde", *LM_COLS[16:21]])])
-    _print_table("bench lm", df, ["model", "p_tilde", "plain_step_s", "capture_overhead", "capture_pts_per_s",
-                                  "alg1_pts_per_s", "query_pts_per_s", "recompute_pts_per_s",
-                                  "storage_bytes_per_point"])
+                   [("Capture overhead and profile", overhead), ("Throughput", throughput),
+                    ("Memory and storage", memory)])
+    _print_table("bench lm", df, ["model", "p_tilde", "plain_step_s", "capture_overhead", "capture_overhead_1t",
+                                  "project_s", "capture_pts_per_s", "alg1_pts_per_s", "query_pts_per_s",
+                                  "recompute_pts_per_s", "storage_bytes_per_point"])
     return df

@@ -135,6 +135,15 @@ class LinearFactorHooks:
 
         return hook
 
+    def captured(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """What the hooks saw, as it is: ``{block: (input, output gradient of Σ_i w_i ℓ_i)}``
+        — no column of ones, no division by w (the input of
+        :meth:`dve_repro.projection.Projector.project_captured`, which does both more cheaply)."""
+        out = {b.name: (self._inputs[b.name], self._grads[b.name]) for b in self.blocks}
+        self._inputs.clear()
+        self._grads.clear()
+        return out
+
     def factors(self, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
         scale = 1.0 / weights

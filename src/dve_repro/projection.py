@@ -220,6 +220,80 @@ class Projector:
             parts.append(torch.einsum("bso,bsi->boi", b, a).flatten(1))
         return torch.cat(parts, dim=1)
 
+    def _fused_factors(self, i: int, dtype, device) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                             torch.Tensor | None]:
+        """Layer i's matrices as the fused path multiplies them, contiguous and in ``dtype``:
+        ``(P_outᵀ [d_out, k_out], P_inᵀ without the bias column [d_in, k_in], the bias column
+        of P_in [k_in])``; None where the factor is kept exactly (or the layer has no bias).
+        For an embedding ``P_inᵀ`` is [V, k_in] (a token's row is P_in onehot(tok))."""
+        key = ("fused", i, dtype, str(device))
+        if key not in self._cache:
+            blk = self.blocks[i]
+            p_out, p_in = self.kron_factors(i, dtype, device)
+            out_t = None if p_out is None else p_out.T.contiguous()
+            in_t = bias = None
+            if p_in is not None:
+                d = blk.shape[1] - int(blk.has_bias)
+                in_t = p_in[:, :d].T.contiguous()
+                bias = p_in[:, d].contiguous() if blk.has_bias else None
+            self._cache[key] = (out_t, in_t, bias)
+        return self._cache[key]
+
+    def project_captured(self, captured: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Fused Kronecker projection of what the training step's hooks saw: [B, p̃] in ``dtype``.
+
+        ``captured`` = {block: (x, g)} with x the layer input [B, d_in] or [B, S, d_in] (token
+        ids [B, S] for an embedding) and g the output gradient of the step's weighted loss
+        Σ_i w_i ℓ_i, same leading shape; ``scale`` [B] = 1/w_i. Entries are popped as each layer
+        is projected, so one layer's factors at a time are cast to ``dtype`` (default: the
+        factors' dtype, bf16/fp16 → float32).
+
+        Equals ``project_factors(LinearFactorHooks.factors(w))`` (the reference, held equal in
+        tests) with less work per layer: the bias's column of ones is never appended (P_in's
+        last column is added to P_in x instead), 1/w multiplies the smaller projected factor
+        rather than the whole [B, S, d_out] output gradient (an LM head's is B·S·V numbers),
+        and every layer's rows land in one preallocated [B, p̃] (no concatenation).
+        """
+        if not self.kronecker:
+            raise ValueError("project_captured is the Kronecker path; materialise the factors instead")
+        first = captured[self.blocks[0].name][1]
+        if dtype is None:
+            dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+        n, device = first.shape[0], first.device
+        out = torch.empty(n, self.dim, dtype=dtype, device=device)
+        scale = scale.to(dtype=dtype, device=device)
+        start = 0
+        for i, blk in enumerate(self.blocks):
+            x, g = captured.pop(blk.name)
+            out_t, in_t, bias = self._fused_factors(i, dtype, device)
+            g = g.reshape(n, -1, g.shape[-1]).to(dtype)  # [B, S, d_out]
+            if not x.is_floating_point():  # an embedding's token ids: P_in onehot(tok) = row tok of P_inᵀ
+                x = x.reshape(n, -1)
+                pa = in_t[x] if in_t is not None else torch.nn.functional.one_hot(x, blk.shape[1]).to(dtype)
+            else:
+                x = x.reshape(n, -1, x.shape[-1]).to(dtype)  # [B, S, d_in]
+                if in_t is None:
+                    pa = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1) if blk.has_bias else x
+                elif bias is not None:
+                    pa = torch.addmm(bias, x.reshape(-1, x.shape[-1]), in_t).view(n, -1, in_t.shape[1])
+                else:
+                    pa = x @ in_t  # [B, S, k_in]
+            pb = g if out_t is None else g @ out_t  # [B, S, k_out]
+            if pb.shape[-1] <= pa.shape[-1]:  # the per-sample 1/w on the smaller factor
+                pb = pb * scale.view(n, 1, 1)
+            else:
+                pa = pa * scale.view(n, 1, 1)
+            k_out, k_in = pb.shape[-1], pa.shape[-1]
+            view = out[:, start : start + k_out * k_in].view(n, k_out, k_in)
+            start += k_out * k_in
+            if pb.shape[1] == 1:  # one token: the sum over S is a plain outer product
+                torch.mul(pb.view(n, k_out, 1), pa.view(n, 1, k_in), out=view)
+            else:
+                torch.bmm(pb.transpose(1, 2), pa, out=view)
+            del x, g, pa, pb
+        return out
+
 
 class FittedBasis:
     """Stored per-layer factor matrices of a fitted projection: ``{block: (P_out [k_out, d_out],

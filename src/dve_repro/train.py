@@ -249,7 +249,7 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
     if selector is not None:
         selector.resume(run.path, start)
     epoch_losses: list[float] = [r["loss"] for r in rows if r["epoch"] == (plan[start].epoch if start < T else -1)]
-    t0 = time.perf_counter()
+    t0, step_s = time.perf_counter(), 0.0
     with ui.bar("train", total=T, unit="step", completed=start) as bar:
         for t in range(start, T):
             s = plan[t]
@@ -259,7 +259,9 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
             if capture is not None:
                 params, state, losses = capture.step(task, params, state, t, x, y, w, lrs[t], cfg)
             else:
+                s0 = time.perf_counter()
                 params, state, losses = train_step(task, params, state, t, x, y, w, lrs[t], cfg)
+                step_s += time.perf_counter() - s0
             loss = float(losses.mean())
             rows.append({"step": t, "epoch": s.epoch, "pos": s.pos, "indices": indices.tolist(), "lr": lrs[t], "loss": loss})
             if every and ((t + 1) % every == 0 or t + 1 == T):
@@ -286,8 +288,10 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
     if capture is not None:
         capture.store.close()  # every row written (θ_T is a checkpoint: committed above)
     elapsed = time.perf_counter() - t0
+    # profile: seconds of this process's steps (speed only; dve bench embed reads it)
+    profile = capture.profile() if capture is not None else {"step_s": step_s}
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
-                   "resumed_from": start})
+                   "resumed_from": start, "profile": profile})
     ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.final}")
 
 
@@ -330,31 +334,68 @@ class _Float32Factors(dict):
 
 class _TrainCapture:
     """Captures projected per-sample gradients inside the training step (no extra backward);
-    the rows go to the store through a background writer (``AsyncRowWriter``)."""
+    the rows go to the store through a background writer (``AsyncRowWriter``).
 
-    def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int):
+    With a Kronecker projection the hooks' inputs and output gradients are projected by the
+    fused :meth:`~dve_repro.projection.Projector.project_captured`; other projections
+    materialise the factors (:meth:`LinearFactorHooks.factors`). ``row_dtype``: the dtype the
+    rows are projected in — float32 rows for float32 storage (a float64 projection would be
+    rounded on the way to the disk anyway), None = the factors' dtype (bf16 → float32)."""
+
+    def __init__(self, featurizer, store, curvature: str, mc_samples: int, mc_seed: int,
+                 row_dtype: torch.dtype | None = None):
         from dve_repro.capture import AsyncRowWriter
 
         self.featurizer, self.store = featurizer, AsyncRowWriter(store)
         self.curvature, self.mc_samples, self.mc_seed = curvature, mc_samples, mc_seed
+        self.row_dtype = row_dtype
+        self.hooks = LinearFactorHooks(featurizer.task.model, featurizer.blocks)  # registered per step
+        # seconds spent on the training thread: curvature rows, the (hooked) training step, the
+        # projection (see profile())
+        self.curvature_s = self.step_s = self.project_s = 0.0
 
     def step(self, task, params, state, t, x, y, w, lr, cfg):
+        t0 = time.perf_counter()
         curv = None
         if self.curvature != "ef":
             curv = self.featurizer.curvature(params, x, y, self.curvature, self.mc_samples, self.mc_seed * 1_000_003 + t)
+        t1 = time.perf_counter()
         if self.featurizer.engine == "hooks":
-            with LinearFactorHooks(task.model, self.featurizer.blocks) as hooks:
+            with self.hooks:
                 new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
-            factors = hooks.factors(w)
-            if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
-                factors = _Float32Factors(factors)
-            rows = self.featurizer.from_factors(factors)
-            del factors
+            t2 = time.perf_counter()
+            rows = self._rows(w, cfg)
         else:
             rows = self.featurizer.features(params, x, y)
+            t2 = time.perf_counter()
             new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
+        t3 = time.perf_counter()
         self.store.write(t, rows, curv)
+        self.curvature_s += t1 - t0
+        self.step_s += t2 - t1 if self.featurizer.engine == "hooks" else time.perf_counter() - t2
+        self.project_s += t3 - t2 if self.featurizer.engine == "hooks" else t2 - t1
         return new_p, new_s, losses
+
+    def profile(self) -> dict[str, float]:
+        """Where the capture's time went (seconds, summed over the steps): ``step_s`` the
+        training step with the hooks on (forward, backward, update), ``project_s`` the
+        projection, ``curvature_s`` the curvature rows' extra backwards, ``queue_wait_s`` the
+        training thread blocked on the writer (full queue, commits), ``writer_s`` the background
+        thread's copies and writes (overlapped with training while a core is free)."""
+        return {"step_s": self.step_s, "project_s": self.project_s, "curvature_s": self.curvature_s,
+                "queue_wait_s": getattr(self.store, "waited_s", 0.0),
+                "writer_s": getattr(self.store, "written_s", 0.0)}
+
+    def _rows(self, w: torch.Tensor, cfg: Config) -> torch.Tensor:
+        """[B, p̃] rows of the step the hooks just saw."""
+        projector = self.featurizer.projector
+        if projector.kronecker:
+            return projector.project_captured(self.hooks.captured(), 1.0 / w, self.row_dtype)
+        factors = self.hooks.factors(w)
+        if cfg.train.dtype == "bfloat16":  # project autocast's bf16 factors in float32
+            factors = _Float32Factors(factors)
+        rows = self.featurizer.from_factors(factors)
+        return rows if self.row_dtype is None else rows.to(self.row_dtype)
 
 
 def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture:
@@ -371,7 +412,8 @@ def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture
                            "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
                            "engine_layers": [b.name for b in blocks]},
                           rpp, cfg.embed.storage_dtype)
-    return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed)
+    row_dtype = torch.float32 if cfg.embed.storage_dtype == "float32" else None
+    return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed, row_dtype)
 
 
 def capture_blocks(task: Task):

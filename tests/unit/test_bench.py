@@ -21,6 +21,9 @@ def test_quick_benchmarks_write_positive_tables(tmp_path):
     _positive(embed, [c for c in EMBED_SPEED_COLS + EMBED_MEM_COLS
                       if c not in ("experiment", "mem_method", "alg2_vs_alg1_rel_diff")])
     assert (embed["alg2_vs_alg1_rel_diff"] < 1e-8).all()
+    # the capture profile: every part measured
+    _positive(embed, ["capture_overhead_f64", "plain_step_ms", "capture_step_ms", "project_ms", "writer_ms"])
+    assert (embed["queue_wait_ms"] >= 0).all()
     assert embed["G_bytes_disk"].iloc[0] >= embed["N_occ"].iloc[0] * embed["p_tilde"].iloc[0] * 8
 
     ts = bench_tsloo(tmp_path, quick=True, threads=1)
@@ -35,5 +38,7 @@ def test_quick_benchmarks_write_positive_tables(tmp_path):
         assert (tmp_path / f"{name}.csv").is_file()
         md = (tmp_path / f"{name}.md").read_text()
         assert f"`dve bench {name} --quick`" in md and "torch threads" in md and "cpu count" in md
+        if name == "embed":
+            assert "## Capture overhead" in md and "## Capture profile" in md
         assert len(pd.read_csv(tmp_path / f"{name}.csv")) == len(embed if name == "embed" else ts)
     assert not (tmp_path / "_runs").exists()  # scratch runs are cleaned up

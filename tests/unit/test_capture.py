@@ -183,3 +183,121 @@ def test_store_refuses_another_projection_or_configuration(tmp_path):
         GradientStore(folder, offsets, 4, _meta(curvature="mc"), rows_per_point=2)
     with pytest.raises(ArtifactError, match="another configuration"):
         GradientStore(folder, np.array([0, 1, 3]), 4, _meta(), rows_per_point=2)
+
+
+# --------------------------------------------------------------------- the training-step fast path
+# (Projector.project_captured on what LinearFactorHooks saw) against the reference path
+# (factors with the ones column and 1/w, then project_factors) and against one autograd call
+# per sample projected through the materialised gradient (project_blocks).
+FUSED_TOL = dict(rtol=0, atol=1e-13)  # float64: the paths differ by summation order only
+
+
+def _weighted_step_rows(task: Task, proj: Projector, w: torch.Tensor, dtype=None):
+    """(fused rows, reference rows) of one backward of Σ_i w_i ℓ_i."""
+    from dve_repro.grads import LinearFactorHooks
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in task.model.named_parameters()}
+    blocks = proj.blocks
+    with LinearFactorHooks(task.model, blocks) as hooks:
+        (task.per_sample_loss(params, task.x_train, task.y_train) * w).sum().backward()
+    inputs, grads = dict(hooks._inputs), dict(hooks._grads)
+    fused = proj.project_captured(hooks.captured(), 1.0 / w, dtype)
+    assert hooks._inputs == {} and hooks._grads == {}
+    hooks._inputs.update(inputs)
+    hooks._grads.update(grads)
+    reference = proj.project_factors(hooks.factors(w))
+    return fused, reference
+
+
+# (k_out, k_in): both factors projected with 1/w on the output side; the output factor kept
+# exactly on the 4-class layer (4 ≤ 6) with 1/w on the input side; everything kept exactly
+# (identity matrices, the bias's ones column appended).
+@pytest.mark.parametrize("k_out,k_in", [(3, 5), (6, 2), (50, 50)])
+def test_fused_training_rows_equal_reference_and_per_sample_autograd(task, k_out, k_in):
+    blocks = gradient_layout(task.model)
+    proj = Projector(ProjectionConfig(kind="kronecker", k_in=k_in, k_out=k_out, seed=3), blocks)
+    w = torch.tensor([0.5, 0.25, 1 / 3, 1 / 6, 2.0, 0.1, 0.7], dtype=torch.float64)  # unequal weights
+    fused, reference = _weighted_step_rows(task, proj, w)
+    assert fused.shape == (7, proj.out_dim) and fused.dtype == torch.float64
+    naive = proj.project_blocks(per_sample_grads_naive(task.per_sample_loss, params_of(task), task.x_train,
+                                                       task.y_train, blocks))
+    assert naive.abs().max() > 1e-3
+    torch.testing.assert_close(fused, reference, **FUSED_TOL)
+    torch.testing.assert_close(fused, naive, **FUSED_TOL)
+
+
+def test_fused_float32_rows_from_float64_factors(task):
+    """Float32 storage: the rows are projected in float32 and agree at float32 tolerance."""
+    blocks = gradient_layout(task.model)
+    proj = Projector(ProjectionConfig(kind="kronecker", k_in=5, k_out=3, seed=3), blocks)
+    w = torch.full((7,), 1 / 7, dtype=torch.float64)
+    fused32, reference = _weighted_step_rows(task, proj, w, torch.float32)
+    assert fused32.dtype == torch.float32
+    torch.testing.assert_close(fused32.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))
+    assert (fused32.double() - reference).abs().max() > 0  # really computed in float32
+
+
+def test_fused_path_refuses_a_materialising_projection(task):
+    blocks = gradient_layout(task.model)
+    proj = Projector(ProjectionConfig(kind="none"), blocks)
+    with pytest.raises(ValueError, match="Kronecker"):
+        proj.project_captured({}, torch.ones(1))
+
+
+@pytest.mark.parametrize("storage", ["float64", "float32"])
+def test_training_capture_through_the_store(task, tmp_path, storage):
+    """A capturing training step writes, through the background writer, the rows of one
+    autograd call per sample (float64: tight; float32 storage: float32 tolerance)."""
+    from dve_repro.config import compose
+    from dve_repro.optim import init_state
+    from dve_repro.train import _TrainCapture
+
+    blocks = gradient_layout(task.model)
+    proj = Projector(ProjectionConfig(kind="kronecker", k_in=5, k_out=3, seed=3), blocks)
+    n = task.x_train.shape[0]
+    offsets = np.array([0, n, 2 * n])
+    store = GradientStore(tmp_path / "grads", offsets, proj.out_dim, {"projection": proj.describe()}, 0, storage)
+    cap = _TrainCapture(Featurizer(task, blocks, proj, "hooks"), store, "ef", 1, 0,
+                        torch.float32 if storage == "float32" else None)
+    cfg = compose(["experiment=tiny_mlp"])
+    params = params_of(task)
+    state = init_state(params, cfg.optim)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    expected = []
+    for t in range(2):
+        expected.append(proj.project_blocks(per_sample_grads_naive(task.per_sample_loss, params, task.x_train,
+                                                                   task.y_train, blocks)))
+        params, state, _ = cap.step(task, params, state, t, task.x_train, task.y_train, w, 0.5, cfg)
+    cap.store.commit([0, 1])
+    cap.store.close()
+    assert cap.store.waited_s >= 0 and cap.store.written_s > 0
+    again = GradientStore.open_existing(tmp_path / "grads")
+    assert again.complete and again.G.dtype == np.dtype(storage)
+    got = torch.from_numpy(np.array(again.G)).double()
+    want = torch.cat(expected)
+    if storage == "float64":
+        torch.testing.assert_close(got, want, **FUSED_TOL)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_store_writes_in_its_dtype_and_refuses_wrong_rows(tmp_path):
+    offsets = np.array([0, 2, 5])
+    s = GradientStore(tmp_path / "grads", offsets, 4, _meta(), rows_per_point=2, dtype="float32")
+    rows = torch.randn(3, 4, dtype=torch.float64)
+    curv = torch.randn(6, 4, dtype=torch.float64)
+    s.write(1, rows, curv)
+    assert s.G.dtype == np.float32 and s.F.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(s.G[2:5]), rows.float().numpy())  # the map sees the pwrite
+    np.testing.assert_array_equal(np.asarray(s.F[4:10]), curv.float().numpy())
+    assert not np.asarray(s.G[0:2]).any()
+    with pytest.raises(ValueError, match="has 2 rows"):
+        s.write(0, rows, curv)
+    with pytest.raises(ValueError, match="do not fit"):
+        s.write(0, torch.zeros(2, 5), torch.zeros(4, 5))
+    s.write(0, rows[:2], curv[:4])
+    s.commit([0, 1])
+    del s
+    done = GradientStore(tmp_path / "grads", offsets, 4, _meta(), rows_per_point=2, dtype="float32")
+    with pytest.raises(ValueError, match="read-only"):
+        done.write(0, rows[:2], curv[:4])

@@ -44,6 +44,20 @@ def test_every_experiment_composes_and_validates(name):
     fingerprint(stage_payload(cfg, "train"))
 
 
+def test_float64_experiments_keep_float64_rows():
+    """Rows are stored in float32 unless an experiment pins float64: every float64 experiment
+    (the oracles compared with retraining) pins it, so its runs keep their fingerprints and
+    numbers; the float32 / bf16 ones store float32."""
+    from dve_repro.config import EmbedConfig
+
+    assert EmbedConfig().storage_dtype == "float32"
+    for name in list_experiments():
+        cfg = compose([f"experiment={name}"])
+        want = "float64" if cfg.train.dtype == "float64" else "float32"
+        assert cfg.embed.storage_dtype == want, f"experiment={name}: train.dtype={cfg.train.dtype} " \
+                                                f"but embed.storage_dtype={cfg.embed.storage_dtype}"
+
+
 def _default_options() -> dict[str, str]:
     """``group: option`` pairs of the root config's defaults list."""
     import yaml

@@ -239,6 +239,28 @@ def test_interrupted_run_resumes_bit_exact(tiny, tmp_path, monkeypatch, kill_at,
     assert_same_run(path, reference_run(cfg, tmp_path))
 
 
+@pytest.mark.parametrize("storage", ["float64", "float32"])
+def test_interrupted_capture_resumes_from_the_done_mask(tiny, tmp_path, monkeypatch, storage):
+    """A capturing run stopped at step 5: the done-mask marks the steps up to the last
+    checkpoint (their rows are written before it is), and the rerun fills in the rest so that
+    the gradients equal those of an uninterrupted run (the same floating-point operations)."""
+    cfg = compose(tiny("trajectory.checkpoint_every=2", "trajectory.capture=true", f"embed.storage_dtype={storage}"))
+    with monkeypatch.context() as m:
+        Kill(m, 5)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg)
+    path = train_dir(cfg)
+    assert np.load(path / "grads" / "done.npy").tolist() == [True] * 4 + [False] * 12
+    assert run_training(cfg) == path
+    assert json.loads((path / artifacts.DONE).read_text())["resumed_from"] == 4
+    ref = reference_run(cfg, tmp_path)
+    assert_same_run(path, ref)
+    assert np.load(path / "grads" / "done.npy").all()
+    got, want = np.load(path / "grads" / "G.npy"), np.load(ref / "grads" / "G.npy")
+    assert got.dtype == np.dtype(storage) and np.abs(want).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+
 def test_kill_between_checkpoint_and_trajectory_write(tiny, tmp_path, monkeypatch):
     """Killed after θ_8 and metrics.csv were written but before the trajectory was: the
     checkpoint of step 8 has no trajectory rows yet, so the rerun resumes from step 6 and
