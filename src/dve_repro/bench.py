@@ -315,8 +315,10 @@ def _embed_row(sess: _Session, spec: dict, repeats: int, row_budget_s: float,
                other_threads: Sequence[int]) -> dict:
     from dve_repro.config import compose
 
+    # the paper's estimator (random Kronecker projection, empirical Fisher): capture during
+    # training cannot use a fitted basis, and one row per point is what the table measures
     spec_ov = [f"experiment={spec['experiment']}", f"train.epochs={spec['epochs']}", "projection=kronecker",
-               f"projection.k_in={spec['k_in']}", f"projection.k_out={spec['k_out']}"]
+               "embed.curvature=ef", f"projection.k_in={spec['k_in']}", f"projection.k_out={spec['k_out']}"]
     cfg = compose(sess.overrides(*spec_ov, "trajectory.capture=true"))
     train_threads = [sess.threads, *[t for t in other_threads if t != sess.threads]]
     m: dict[str, list[float]] = {}
