@@ -718,6 +718,8 @@ def stage_payload(cfg: Config, stage: str) -> dict[str, Any]:
             "mc_seed": cfg.embed.mc_seed,
             **_capture_layers(cfg),
         }
+        if cfg.embed.storage_dtype != "float64":  # the rows' dtype (float64: the older runs' key)
+            train["capture_storage_dtype"] = cfg.embed.storage_dtype
     if stage == "trajectory":  # the recorded run alone (what the compare stage's method caches read)
         return trajectory
     if stage == "train":

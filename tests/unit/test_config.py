@@ -58,6 +58,20 @@ def test_float64_experiments_keep_float64_rows():
                                                 f"but embed.storage_dtype={cfg.embed.storage_dtype}"
 
 
+def test_captured_rows_dtype_is_part_of_the_training_run():
+    """The rows written during training are its output: their dtype keys the run folder
+    (float64, the dtype of every run before float32 became the default, adds nothing)."""
+    cap = compose(["experiment=tiny_mlp", "trajectory.capture=true"])
+    f64 = fingerprint(stage_payload(cap, "train"))
+    f32 = fingerprint(stage_payload(compose(["experiment=tiny_mlp", "trajectory.capture=true",
+                                             "embed.storage_dtype=float32"]), "train"))
+    assert f64 != f32
+    assert "capture_storage_dtype" not in stage_payload(cap, "train")
+    plain = compose(["experiment=tiny_mlp", "embed.storage_dtype=float32"])  # nothing captured: no key
+    assert fingerprint(stage_payload(plain, "train")) == fingerprint(stage_payload(compose(["experiment=tiny_mlp"]),
+                                                                                    "train"))
+
+
 def _default_options() -> dict[str, str]:
     """``group: option`` pairs of the root config's defaults list."""
     import yaml
