@@ -16,13 +16,17 @@ from dve_repro.config import compose
 
 pytestmark = pytest.mark.slow
 
-# DVEmb (Kronecker projection, empirical-Fisher curvature) vs single-epoch TSLOO, mean
-# validation loss, keep convention: measured 0.792 (all-epoch: 0.705); threshold = measured - 0.05.
-DVEMB_SINGLE_MIN = 0.74
+# DVEmb as E1 configures it (K-FAC eigenbasis projection, Gauss-Newton curvature, p̃ = 4,426)
+# vs retrained TSLOO, mean validation loss, keep convention: measured 0.955 single-epoch and
+# 0.927 all-epoch; the paper's estimator (random Kronecker projection, empirical Fisher,
+# `dvemb-paper`) 0.792 and 0.705. Thresholds = measured - 0.05.
+DVEMB_MIN = {"single": 0.90, "all": 0.87}
+PAPER_SINGLE_MIN = 0.74
 # Exact first-order unrolled influence (tanh MLP): measured 0.9998 single, 0.9995 all-epoch.
 UNROLLED_HESSIAN_MIN = 0.99
 # Influence function at θ_T: measured 0.487 single, 0.601 all-epoch (DVEmb wins by 0.30 and 0.10).
-# The whole module took ~16 min on 2 CPUs (TSLOO, embed, 5 curvatures, influence CG).
+# The whole module took ~16 min on 2 CPUs before the fitted-basis GN embedding (basis fit,
+# GN rows: about 6 min more on 2 idle cores).
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +51,27 @@ def rho(summary: pd.DataFrame, method: str, setting: str) -> float:
     return float(summary.loc[(method, setting), "spearman"])
 
 
-def test_dvemb_tracks_single_epoch_tsloo(summary):
-    r = rho(summary, "dvemb", "single")
-    assert r > DVEMB_SINGLE_MIN, (
-        f"DVEmb's Spearman correlation with retrained single-epoch TSLOO (mean validation loss, "
-        f"keep convention) is {r:.3f}; expected > {DVEMB_SINGLE_MIN} — the data value embedding no longer "
-        "ranks training points by their true trajectory-specific leave-one-out effect"
+@pytest.mark.parametrize("setting", ["single", "all"])
+def test_dvemb_tracks_tsloo(summary, setting):
+    r = rho(summary, "dvemb", setting)
+    assert r > DVEMB_MIN[setting], (
+        f"DVEmb's Spearman correlation with retrained {setting}-epoch TSLOO (mean validation loss, "
+        f"keep convention) is {r:.3f}; expected > {DVEMB_MIN[setting]} — the stored embedding (fitted "
+        "K-FAC projection, Gauss-Newton) no longer ranks training points by their true leave-one-out effect"
     )
 
 
-# Measured with the influence function's CG converged (damping 0.1): Spearman DVEmb 0.792 vs IF
-# 0.702 (single), 0.705 vs 0.705 (all: a tie); Pearson 0.969 vs 0.216 and 0.919 vs 0.405. With
-# Gauss-Newton curvature DVEmb's all-epoch Spearman is 0.931.
+def test_the_papers_estimator_tracks_single_epoch_tsloo(summary):
+    r = rho(summary, "dvemb-paper", "single")
+    assert r > PAPER_SINGLE_MIN, (
+        f"the paper's estimator (random Kronecker projection, empirical Fisher) has Spearman {r:.3f} with "
+        f"retrained single-epoch TSLOO; expected > {PAPER_SINGLE_MIN}"
+    )
+
+
+# Measured with the influence function's CG converged (damping 0.1): Spearman DVEmb 0.955 vs IF
+# 0.702 (single), 0.927 vs 0.705 (all); Pearson 0.989 vs 0.216 and 0.966 vs 0.405 (the paper's
+# estimator: 0.792 / 0.705 Spearman, 0.969 / 0.919 Pearson).
 def test_dvemb_beats_influence_function_single_epoch(summary):
     d, i = rho(summary, "dvemb", "single"), rho(summary, "influence", "single")
     assert d > i, (
@@ -97,9 +110,10 @@ def test_unrolled_hessian_is_nearly_exact(summary, setting):
 # effect. The median, not a least-squares slope: on E1 (lr 0.1) a few high-influence points
 # respond less than linearly, and they alone pull the slope through 0 to 1.51 / 1.32 (exact
 # unrolling, single / all-epoch) and 1.82 / 1.45 (DVEmb), while the typical point's ratio is
-# 0.996 / 0.980 (exact unrolling) and 1.31 / 1.14 (DVEmb: projection and empirical Fisher).
+# 0.996 / 0.980 (exact unrolling), 1.02 / 0.73 (DVEmb: fitted projection, Gauss-Newton) and
+# 1.31 / 1.14 (the paper's estimator: random projection, empirical Fisher).
 # A wrong step weight (1/|B| = 1/64) or sign puts the ratio far outside these bands.
-RATIO_BANDS = {"unrolled-hessian": 0.05, "dvemb": 0.45}
+RATIO_BANDS = {"unrolled-hessian": 0.05, "dvemb": 0.45, "dvemb-paper": 0.45}
 
 
 @pytest.mark.parametrize("setting", ["single", "all"])
