@@ -14,13 +14,16 @@ Settings (SPEC §1): ``single`` removes the point from its last occurrence (its 
 step); ``all`` from every occurrence. Conventions: ``keep`` (denominator |B_t| kept) and
 ``renormalize``.
 
-Fast path: the replays of a chunk of jobs advance together as a stack of parameter copies
-under ``torch.func.vmap``; every copy sees the same batch and differs only in its per-sample
-weights (0 where its point is removed). Each chunk also carries one copy with nothing
-removed, so the difference is taken between numerically identical computations. Jobs are
-grouped by the latest checkpoint before their first removal, where their replays start.
+Fast path: the replays of a chunk of jobs advance together as a stack of parameter copies;
+every copy sees the same batch and differs only in its per-sample weights (0 where its point
+is removed). Each chunk also carries one copy with nothing removed, so the difference is
+taken between numerically identical computations. Jobs are grouped by the latest checkpoint
+before their first removal, where their replays start. Per-copy gradients come from one of
+two kernels (:func:`grads_for`): ``stacked`` for MLP classifiers (the shared batch makes the
+first layer of all copies one matrix product) and ``vmap`` (``vmap(grad(.))``, any model).
 The naive reference, :func:`naive_delta`, retrains each job alone from θ_0 with the
-ordinary replay engine.
+ordinary replay engine; ``naive_delta(..., start=job.start)`` is the same replay from the
+job's start checkpoint (the same-start baseline of the benchmark).
 """
 
 from __future__ import annotations
@@ -152,9 +155,9 @@ def stacked_mlp_grads(task: Task) -> GradFn | None:
     Same contract as :func:`vmap_grads`. Every copy sees the same batch, so the first layer
     of all ``a`` copies is one matrix product x [B, in] · [a·out, in]ᵀ, and its weight
     gradient one product [a·out, B] · x (vmap runs a batched product over ``a`` expanded
-    copies of x instead, ~1.5× slower here); later layers are batched products over copies.
+    copies of x instead, which is slower); later layers are batched products over copies.
     The summation order of those products differs from vmap's, so the result agrees with
-    :func:`vmap_grads` to rounding (~1e-17 absolute on MNIST), not bit for bit."""
+    :func:`vmap_grads` to rounding, not bit for bit."""
     model = task.model
     if task.kind != "classify" or not isinstance(model, MLP):
         return None
@@ -173,7 +176,9 @@ def stacked_mlp_grads(task: Task) -> GradFn | None:
                  else torch.einsum("bai,aoi->bao", h, w))  # [B, a, out]
             if layer.bias is not None:
                 h = h + p[f"net.{i}.bias"]
-        losses = F.cross_entropy(h.permute(0, 2, 1), y[:, None].expand(B, a), reduction="none")  # [B, a]
+        # rows (sample, copy) in one contiguous [B·a, C] block: a class dim in the middle of a
+        # permuted tensor makes log_softmax run slice by slice
+        losses = F.cross_entropy(h.reshape(B * a, -1), y.repeat_interleave(a), reduction="none").view(B, a)
         g = torch.autograd.grad((losses * W.T).sum(), list(p.values()))
         return dict(zip(p, g, strict=True))
 
