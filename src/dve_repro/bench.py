@@ -110,13 +110,15 @@ def _header(command: str, threads: int, started: float, load_start: str) -> str:
 
 
 def _write_outputs(out_dir: Path, name: str, df: pd.DataFrame, header: str, notes: list[str],
-                   tables: list[tuple[str, list[str]]]) -> None:
+                   tables: list[tuple[str, list[str]]], closing: Sequence[str] = ()) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / f"{name}.csv", index=False)
     parts = [f"# {name} benchmark", "", header, ""]
     parts += [f"- {n}" for n in notes]
     for title, cols in tables:
         parts += ["", f"## {title}", "", _markdown(df, cols)]
+    if closing:
+        parts += ["", "## Summary", "", *[f"- {n}" for n in closing]]
     (out_dir / f"{name}.md").write_text("\n".join(parts) + "\n")
 
 
@@ -520,13 +522,70 @@ def bench_tsloo(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats
         rows = _tsloo_rows(jobs, by_setting, naive_ids, settings, thread_list, plans, timings, answers, repeats)
         df = pd.DataFrame(rows, columns=TSLOO_COLS)
         df["chunk"] = df["chunk"].astype("Int64")
+        floors = {}
+        for th in thread_list:
+            torch.set_num_threads(th)
+            floors[th] = _first_layer_floor(run, jobs, chunk, repeats)
+        torch.set_num_threads(threads)
         notes = _tsloo_notes(experiment, run, n_points, jobs, chunk, chunk == cfg.tsloo.chunk_size,
                              other_chunks, sweep, fast)
+        closing = _tsloo_summary(df, thread_list, chunk, fast, floors)
         header = _header("dve bench tsloo" + (" --quick" if quick else ""), threads, sess.started, sess.load_start)
-        _write_outputs(out_dir, "tsloo", df, header, notes, [("Ground-truth retraining", TSLOO_COLS)])
+        _write_outputs(out_dir, "tsloo", df, header, notes, [("Ground-truth retraining", TSLOO_COLS)], closing)
         if sess.show:
             _print_table("dve bench tsloo", df, [c for c in TSLOO_COLS if c != "note"])
+            print("\n".join(["", *closing]))
     return df
+
+
+def _first_layer_floor(run, jobs: list, chunk: int, repeats: int) -> float | None:
+    """Seconds per job that the first layer's two matrix products alone cost the batched
+    path (MLP runs; None otherwise): the products of one step for a full stack of
+    ``chunk + 1`` copies are timed (median of a few), divided per copy-step, and multiplied
+    by the copy-steps every chunk of ``jobs`` runs (each copy from its first removal to T,
+    the reference copy from the chunk's start)."""
+    from dve_repro import tsloo
+
+    if tsloo.stacked_mlp_grads(run.task) is None:
+        return None
+    w = run.load_params(0)[0]["net.0.weight"]  # [out, in]
+    a = chunk + 1
+    stack = w.unsqueeze(0).repeat(a, 1, 1).reshape(a * w.shape[0], w.shape[1])
+    x, _ = run.task.batch(run.traj.batches[0])
+    x = x.flatten(1)
+    dz = torch.ones(x.shape[0], stack.shape[0], dtype=x.dtype)
+    times = [_timed(lambda: (x @ stack.T, dz.T @ x))[0] for _ in range(max(3, repeats))]
+    per_copy_step = _median(times) / a
+    steps = 0
+    for ids in tsloo.chunks_of(jobs, chunk):
+        steps += run.T - jobs[ids[0]].start + sum(run.T - min(jobs[j].steps) for j in ids)
+    return per_copy_step * steps / len(jobs)
+
+
+def _tsloo_summary(df: pd.DataFrame, thread_list: list[int], chunk: int, fast: str,
+                   floors: dict[int, float | None]) -> list[str]:
+    """Closing lines: the ratios of the default kernel at ``chunk``, both baselines, per thread count."""
+    out = []
+    for th in thread_list:
+        b = df[(df["method"] == "batched") & (df["threads"] == th) & (df["chunk"] == chunk)]
+
+        def ratio(kernel: str, st: str, col: str, b=b) -> str:
+            r = b[(b["kernel"] == kernel) & (b["setting"] == st)]
+            return f"{r[col].item():.3g}×" if len(r) else "–"
+
+        parts = [f"{st} {ratio(fast, st, 'speedup_vs_naive')} / {ratio(fast, st, 'speedup_vs_same_start')}"
+                 for st in ("single", "all", "single+all")]
+        line = (f"{th} thread(s), chunk {chunk}, kernel {fast} — vs naive / vs same-start: " + ", ".join(parts))
+        if fast != "vmap":
+            line += (f"; the vmap kernel: single+all {ratio('vmap', 'single+all', 'speedup_vs_naive')} / "
+                     f"{ratio('vmap', 'single+all', 'speedup_vs_same_start')}")
+        naive = df[(df["method"] == "naive") & (df["threads"] == th) & (df["setting"] == "single+all")]
+        if floors.get(th) and len(naive):
+            spj = naive["s_per_job"].item()
+            line += (f". Floor: the first layer's two matrix products alone (timed in this run) cost "
+                     f"{floors[th]:.3g} s per job, i.e. at most {spj / floors[th]:.3g}× naive on single+all")
+        out.append(line + ".")
+    return out
 
 
 def _tsloo_rows(jobs, by_setting, naive_ids, settings, thread_list, plans, timings, answers, repeats) -> list[dict]:

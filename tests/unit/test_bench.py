@@ -41,6 +41,11 @@ def test_quick_benchmarks_write_positive_tables(tmp_path):
                for m in ("naive", "same_start")}
         assert abs(row["speedup_vs_naive"] - ref["naive"]["s_per_job"].item() / row["s_per_job"]) < 1e-9
         assert abs(row["speedup_vs_same_start"] - ref["same_start"]["s_per_job"].item() / row["s_per_job"]) < 1e-9
+    summary = (tmp_path / "tsloo.md").read_text().split("## Summary", 1)[1]
+    main = ts[(ts["method"] == "batched") & (ts["kernel"] == "stacked") & (ts["chunk"] == 4)
+              & (ts["setting"] == "single+all")]
+    assert f"single+all {main['speedup_vs_naive'].item():.3g}× / {main['speedup_vs_same_start'].item():.3g}×" in summary
+    assert "Floor:" in summary
 
     for name in ("embed", "tsloo"):
         assert (tmp_path / f"{name}.csv").is_file()
