@@ -358,7 +358,7 @@ def bench_embed(
     run(out, quick=quick)
 
 
-@bench_app.command("tsloo", help="Batched ground-truth retraining against the naive one-run-per-point way.")
+@bench_app.command("tsloo", help="Batched ground-truth retraining against one retraining per point, from θ_0 and from the same checkpoint.")
 @guarded
 def bench_tsloo(
     out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for tsloo.csv and tsloo.md."),

@@ -14,32 +14,40 @@ Settings (SPEC §1): ``single`` removes the point from its last occurrence (its 
 step); ``all`` from every occurrence. Conventions: ``keep`` (denominator |B_t| kept) and
 ``renormalize``.
 
-Fast path: the replays of a chunk of jobs advance together as a stack of parameter copies
-under ``torch.func.vmap``; every copy sees the same batch and differs only in its per-sample
-weights (0 where its point is removed). Each chunk also carries one copy with nothing
-removed, so the difference is taken between numerically identical computations. Jobs are
-grouped by the latest checkpoint before their first removal, where their replays start.
+Fast path: the replays of a chunk of jobs advance together as a stack of parameter copies;
+every copy sees the same batch and differs only in its per-sample weights (0 where its point
+is removed). Each chunk also carries one copy with nothing removed, so the difference is
+taken between numerically identical computations. Jobs are grouped by the latest checkpoint
+before their first removal, where their replays start. Per-copy gradients come from one of
+two kernels (:func:`grads_for`): ``stacked`` for MLP classifiers (the shared batch makes the
+first layer of all copies one matrix product) and ``vmap`` (``vmap(grad(.))``, any model).
 The naive reference, :func:`naive_delta`, retrains each job alone from θ_0 with the
-ordinary replay engine.
+ordinary replay engine; ``naive_delta(..., start=job.start)`` is the same replay from the
+job's start checkpoint (the same-start baseline of the benchmark).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dve_repro import artifacts, ui
-from dve_repro.config import Config, fingerprint, stage_payload, to_dict
+from dve_repro.config import Config, OptimConfig, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, DveError
+from dve_repro.models import MLP
 from dve_repro.optim import update
 from dve_repro.replay import TrainedRun, replay
+from dve_repro.tasks import Task
 
 Tensors = dict[str, torch.Tensor]
 
@@ -108,30 +116,29 @@ def _val_losses(run: TrainedRun, params: Tensors) -> torch.Tensor:
         return run.task.per_sample_loss(params, run.task.x_val, run.task.y_val)
 
 
-def naive_delta(run: TrainedRun, job: Job, base: torch.Tensor | None = None) -> np.ndarray:
-    """Reference: retrain the job alone from θ_0 with the replay engine. Returns [1 + N_val]."""
+def naive_delta(run: TrainedRun, job: Job, base: torch.Tensor | None = None, start: int = 0) -> np.ndarray:
+    """Reference: retrain the job alone with the replay engine. Returns [1 + N_val].
+
+    ``start``: the checkpoint the replay starts from — θ_0 by default (the reference); the
+    job's own ``job.start`` gives the same-start one-at-a-time baseline (replay from a
+    checkpoint reproduces the recorded run bit for bit, so the result is the same)."""
     if base is None:
         base = _val_losses(run, run.final_params())
     params, _ = replay(run, removals={t: [job.index] for t in job.steps},
-                       renormalize=job.convention == "renormalize", start=0)
+                       renormalize=job.convention == "renormalize", start=start)
     d = _val_losses(run, params) - base
     return torch.cat([d.mean().view(1), d]).cpu().numpy()
 
 
-def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Replay ``jobs`` (same start checkpoint) together; returns [len(jobs), 1 + N_val].
+GradFn = Callable[[Tensors, torch.Tensor, torch.Tensor, torch.Tensor], Tensors]
+KERNELS = ("auto", "stacked", "vmap")
 
-    Copy 0 of the stack is the reference (nothing removed). A job's copy is identical to the
-    reference until its first removal, so it joins the stack only then, as a clone of the
-    reference at that step: each copy costs the steps from its first removal to T.
-    """
-    start = jobs[0].start
-    assert all(j.start == start for j in jobs)
-    task, traj, cfg = run.task, run.traj, run.cfg
-    run.require_exact_replay()
-    params, state = run.load_params(start)
-    stack = {k: v.to(dtype).unsqueeze(0) for k, v in params.items()}
-    sstack = {k: v.to(dtype).unsqueeze(0) for k, v in state.items()}
+
+def vmap_grads(task: Task) -> GradFn:
+    """Per-copy gradients by ``vmap(grad(·))`` over the stack (any model; the reference).
+
+    ``(P, x, y, W) ↦ G``: P and G map names to [a, *shape], x [B, …], y [B], W [a, B] the
+    per-copy sample weights; G[k][c] = ∇_θ Σ_i W[c, i] ℓ(θ_c, z_i)."""
     model = task.model
 
     def weighted_loss(p, x, y, w):
@@ -139,7 +146,113 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
         logits = logits.logits if hasattr(logits, "logits") else logits
         return (task.per_sample_loss_from_logits(logits, y) * w).sum()
 
-    grad_fn = vmap(grad(weighted_loss), in_dims=(0, None, None, 0))
+    return vmap(grad(weighted_loss), in_dims=(0, None, None, 0))
+
+
+def stacked_mlp_grads(task: Task) -> GradFn | None:
+    """Per-copy gradients of an MLP classifier without vmap (None for other models).
+
+    Same contract as :func:`vmap_grads`. Every copy sees the same batch, so the first layer
+    of all ``a`` copies is one matrix product x [B, in] · [a·out, in]ᵀ, and its weight
+    gradient one product [a·out, B] · x (vmap runs a batched product over ``a`` expanded
+    copies of x instead, which is slower); later layers are batched products over copies.
+    The summation order of those products differs from vmap's, so the result agrees with
+    :func:`vmap_grads` to rounding, not bit for bit."""
+    model = task.model
+    if task.kind != "classify" or not isinstance(model, MLP):
+        return None
+    layers = list(model.net)
+
+    def grads(P: Tensors, x: torch.Tensor, y: torch.Tensor, W: torch.Tensor) -> Tensors:
+        a, B = W.shape
+        p = {k: v.detach().requires_grad_(True) for k, v in P.items()}
+        h = x.flatten(1)  # [B, in], shared by every copy
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, nn.Linear):
+                h = layer(h)  # elementwise activation
+                continue
+            w = p[f"net.{i}.weight"]  # [a, out, in]
+            h = (F.linear(h, w.reshape(-1, w.shape[-1])).view(B, a, -1) if h.dim() == 2
+                 else torch.einsum("bai,aoi->bao", h, w))  # [B, a, out]
+            if layer.bias is not None:
+                h = h + p[f"net.{i}.bias"]
+        # rows (sample, copy) in one contiguous [B·a, C] block: a class dim in the middle of a
+        # permuted tensor makes log_softmax run slice by slice
+        losses = F.cross_entropy(h.reshape(B * a, -1), y.repeat_interleave(a), reduction="none").view(B, a)
+        g = torch.autograd.grad((losses * W.T).sum(), list(p.values()))
+        return dict(zip(p, g, strict=True))
+
+    return grads
+
+
+def grads_for(task: Task, kernel: str = "auto") -> GradFn:
+    """The per-copy gradient function ``kernel`` names: stacked (MLP classifiers), vmap, or
+    auto (stacked where it applies)."""
+    if kernel not in KERNELS:
+        raise DveError(f"tsloo kernel must be one of {KERNELS} (got {kernel!r})")
+    fast = stacked_mlp_grads(task) if kernel != "vmap" else None
+    if kernel == "stacked" and fast is None:
+        raise DveError("the stacked tsloo kernel needs an MLP classifier; use kernel vmap")
+    return fast or vmap_grads(task)
+
+
+def update_stack(P: Tensors, S: Tensors, grads: Tensors, lr: float, t: int, cfg: OptimConfig) -> None:
+    """One optimizer step of every copy, written into the stacks ``P``/``S`` ([a, *shape] views).
+
+    Exactly the numbers of ``vmap(optim.update)``: plain SGD runs the same two roundings
+    (``lr·g``, then ``θ − ·``) in place, in the gradient's and the stack's memory (no new
+    tensors per step); other optimizers are elementwise, so ``update`` runs on the stacks
+    directly, except that clipping needs each copy's own norm (vmap)."""
+    if cfg.name == "sgd" and not (cfg.momentum or cfg.weight_decay or cfg.grad_clip):
+        for k, v in P.items():
+            g = grads[k]
+            v.sub_(g.mul_(lr) if g.is_contiguous() else lr * g)  # an expanded gradient cannot be written
+        return
+    if cfg.grad_clip > 0:
+        new_p, new_s = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg))(P, grads, S)
+    else:
+        new_p, new_s = update(P, grads, S, lr, t, cfg)
+    for k, v in new_p.items():
+        P[k].copy_(v)
+    for k, v in new_s.items():
+        S[k].copy_(v)
+
+
+def _step_weights(batch: np.ndarray, removed: list[tuple[int, int, bool]], active: int, t: int,
+                  dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Per-copy sample weights [active, |B_t|] of step t: 1/|B_t|, 0 where a copy's point is removed."""
+    n = len(batch)
+    W = torch.full((active, n), 1.0 / n, dtype=dtype, device=device)
+    for c, i, renorm in removed:
+        pos = np.flatnonzero(batch == i)
+        if not len(pos):
+            raise DveError(f"training index {i} is not in the batch of step {t}")
+        W[c, torch.as_tensor(pos)] = 0.0
+        if renorm:
+            W[c][W[c] > 0] = 1.0 / (n - len(pos))
+    return W
+
+
+def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.float64,
+                  kernel: str = "auto") -> np.ndarray:
+    """Replay ``jobs`` (same start checkpoint) together; returns [len(jobs), 1 + N_val].
+
+    Copy 0 of the stack is the reference (nothing removed). A job's copy is identical to the
+    reference until its first removal, so it joins the stack only then, as a clone of the
+    reference at that step: each copy costs the steps from its first removal to T. The stack
+    is allocated once ([1 + len(jobs), *shape] per tensor); copies join in order of their
+    first removal, so the active copies are always a prefix of it. ``kernel``: how per-copy
+    gradients are computed (:func:`grads_for`).
+    """
+    start = jobs[0].start
+    assert all(j.start == start for j in jobs)
+    task, traj, cfg = run.task, run.traj, run.cfg
+    run.require_exact_replay()
+    grads_of = grads_for(task, kernel)
+    params, state = run.load_params(start)
+    size = 1 + len(jobs)
+    stack = {k: v.to(dtype).unsqueeze(0).repeat(size, *([1] * v.dim())) for k, v in params.items()}
+    sstack = {k: v.to(dtype).unsqueeze(0).repeat(size, *([1] * v.dim())) for k, v in state.items()}
     # Copies join in order of their first removed step (jobs removing nothing join at T).
     order = sorted(range(len(jobs)), key=lambda j: min(jobs[j].steps, default=run.T))
     joins = [min(jobs[j].steps, default=run.T) for j in order]
@@ -149,14 +262,13 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
             removal.setdefault(t, []).append((c, jobs[j].index, jobs[j].convention == "renormalize"))
 
     def join(upto: int, active: int) -> int:
-        """Append clones of the reference for every copy whose first removal is ≤ ``upto``."""
-        nonlocal stack, sstack
+        """Clone the reference into every copy whose first removal is ≤ ``upto``."""
         new = active
         while new - 1 < len(joins) and joins[new - 1] <= upto:
             new += 1
         if new > active:
-            stack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in stack.items()}
-            sstack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in sstack.items()}
+            for buf in (*stack.values(), *sstack.values()):
+                buf[active:new] = buf[0]
         return new
 
     active = 1
@@ -165,18 +277,10 @@ def batched_delta(run: TrainedRun, jobs: list[Job], dtype: torch.dtype = torch.f
         batch = traj.batches[t]
         x, y = task.batch(batch)
         x = x.to(dtype) if x.is_floating_point() else x
-        n = len(batch)
-        W = torch.full((active, n), 1.0 / n, dtype=dtype, device=run.device)
-        for c, i, renorm in removal.get(t, ()):
-            pos = np.flatnonzero(batch == i)
-            if not len(pos):
-                raise DveError(f"training index {i} is not in the batch of step {t}")
-            W[c, torch.as_tensor(pos)] = 0.0
-            if renorm:
-                W[c][W[c] > 0] = 1.0 / (n - len(pos))
-        grads = grad_fn(stack, x, y, W)
-        lr = float(traj.lrs[t])
-        stack, sstack = vmap(lambda p, g, s: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)  # noqa: B023 (called at once)
+        W = _step_weights(batch, removal.get(t, ()), active, t, dtype, run.device)
+        P = {k: v[:active] for k, v in stack.items()}
+        S = {k: v[:active] for k, v in sstack.items()}
+        update_stack(P, S, grads_of(P, x, y, W), float(traj.lrs[t]), t, cfg.optim)
     active = join(run.T, active)
     x_val = task.x_val.to(dtype) if task.x_val.is_floating_point() else task.x_val  # LM inputs are token ids
     with torch.no_grad():

@@ -28,11 +28,27 @@ def test_quick_benchmarks_write_positive_tables(tmp_path):
 
     ts = bench_tsloo(tmp_path, quick=True, threads=1)
     assert list(ts.columns) == TSLOO_COLS
-    assert set(ts["method"]) == {"naive", "batched"}
+    assert set(ts["method"]) == {"naive", "same_start", "batched"}
     assert set(ts["setting"]) == {"single", "all", "single+all"}
+    assert set(ts["kernel"].dropna()) == {"stacked", "vmap"}
     _positive(ts, ["threads", "n_jobs", "timed_jobs", "seconds", "jobs_per_s", "s_per_job",
-                   "speedup_vs_naive", "max_abs_delta", "repeats"])
-    assert (ts.loc[ts["method"] == "batched", "max_abs_diff"] < 1e-10).all()
+                   "speedup_vs_naive", "speedup_vs_same_start", "max_abs_delta", "repeats"])
+    assert (ts.loc[ts["method"] != "naive", "max_abs_diff"] < 1e-10).all()
+    naive = ts[ts["method"] == "naive"]
+    assert (naive["speedup_vs_naive"] == 1.0).all()
+    same = ts[ts["method"] == "same_start"]
+    assert (same["speedup_vs_same_start"] == 1.0).all()
+    # both ratios of a row are its seconds per job against the two one-at-a-time rows of its setting
+    for _, row in ts[ts["method"] == "batched"].iterrows():
+        ref = {m: ts[(ts["method"] == m) & (ts["threads"] == row["threads"]) & (ts["setting"] == row["setting"])]
+               for m in ("naive", "same_start")}
+        assert abs(row["speedup_vs_naive"] - ref["naive"]["s_per_job"].item() / row["s_per_job"]) < 1e-9
+        assert abs(row["speedup_vs_same_start"] - ref["same_start"]["s_per_job"].item() / row["s_per_job"]) < 1e-9
+    summary = (tmp_path / "tsloo.md").read_text().split("## Summary", 1)[1]
+    main = ts[(ts["method"] == "batched") & (ts["kernel"] == "stacked") & (ts["chunk"] == 4)
+              & (ts["setting"] == "single+all")]
+    assert f"single+all {main['speedup_vs_naive'].item():.3g}× / {main['speedup_vs_same_start'].item():.3g}×" in summary
+    assert "Floor:" in summary
 
     for name in ("embed", "tsloo"):
         assert (tmp_path / f"{name}.csv").is_file()

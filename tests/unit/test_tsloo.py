@@ -7,6 +7,8 @@ Every test uses the seconds-long ``tiny_mlp`` run in float64 (T = 16 steps of 32
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,9 @@ from dve_repro.tsloo import (
     parse_shard,
     run_tsloo,
     select_points,
+    stacked_mlp_grads,
+    update_stack,
+    vmap_grads,
 )
 
 # Batched vs naive: the same float64 arithmetic, except that the batched path evaluates
@@ -224,3 +229,166 @@ def test_finished_run_is_reused(run_epoch, tmp_path):
     # is rebuilt: tests/reliability/test_manifest.py)
     assert run_tsloo(cfg, run) == path
     assert (path / "delta.npy").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------ fast paths vs references
+def _batched_delta_before(run: TrainedRun, jobs: list[Job]) -> np.ndarray:
+    """Frozen copy of ``batched_delta`` as it was before the stack was preallocated and
+    updated in place (vmap over copies, a new stack per step): the vmap kernel must give
+    these numbers bit for bit, so committed ground truth computed with it stays as it is."""
+    from torch.func import functional_call, grad, vmap
+
+    from dve_repro.optim import update
+
+    start, task, traj, cfg = jobs[0].start, run.task, run.traj, run.cfg
+    params, state = run.load_params(start)
+    stack = {k: v.unsqueeze(0) for k, v in params.items()}
+    sstack = {k: v.unsqueeze(0) for k, v in state.items()}
+
+    def weighted_loss(p, x, y, w):
+        return (task.per_sample_loss_from_logits(functional_call(task.model, p, (x,)), y) * w).sum()
+
+    grad_fn = vmap(grad(weighted_loss), in_dims=(0, None, None, 0))
+    order = sorted(range(len(jobs)), key=lambda j: min(jobs[j].steps, default=run.T))
+    joins = [min(jobs[j].steps, default=run.T) for j in order]
+
+    def join(upto, active):
+        nonlocal stack, sstack
+        new = active
+        while new - 1 < len(joins) and joins[new - 1] <= upto:
+            new += 1
+        stack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in stack.items()}
+        sstack = {k: torch.cat([v, v[:1].expand(new - active, *v.shape[1:])]) for k, v in sstack.items()}
+        return new
+
+    active = 1
+    for t in range(start, run.T):
+        active = join(t, active)
+        batch = traj.batches[t]
+        x, y = task.batch(batch)
+        n = len(batch)
+        W = torch.full((active, n), 1.0 / n, dtype=torch.float64)
+        for c, j in enumerate(order, start=1):
+            if t in jobs[j].steps:
+                pos = torch.as_tensor(np.flatnonzero(batch == jobs[j].index))
+                W[c, pos] = 0.0
+                if jobs[j].convention == "renormalize":
+                    W[c][W[c] > 0] = 1.0 / (n - len(pos))
+        grads = grad_fn(stack, x, y, W)
+        lr = float(traj.lrs[t])
+        stack, sstack = vmap(lambda p, g, s, lr=lr, t=t: update(p, g, s, lr, t, cfg.optim))(stack, grads, sstack)
+    join(run.T, active)
+    losses = torch.no_grad()(vmap(lambda p: task.per_sample_loss(p, task.x_val, task.y_val)))(stack)
+    d = losses[1:] - losses[:1]
+    rows = torch.cat([d.mean(dim=1, keepdim=True), d], dim=1).numpy()
+    out = np.empty_like(rows)
+    out[np.asarray(order)] = rows
+    return out
+
+
+def _all_jobs(run: TrainedRun, n: int = 3) -> list[Job]:
+    return make_jobs(run, select_points(run, n, "uniform", seed=1), ["single", "all"], ["keep", "renormalize"])
+
+
+@pytest.mark.parametrize("which", ["run_epoch", "run_every4"])
+def test_vmap_kernel_is_bit_identical_to_the_code_before(request, which):
+    run: TrainedRun = request.getfixturevalue(which)
+    jobs = _all_jobs(run)
+    for c in chunks_of(jobs, 64):
+        chunk = [jobs[j] for j in c]
+        np.testing.assert_array_equal(batched_delta(run, chunk, kernel="vmap"), _batched_delta_before(run, chunk))
+
+
+def test_stacked_kernel_equals_vmap_kernel(run_every4):
+    run = run_every4
+    jobs = _all_jobs(run)
+    for c in chunks_of(jobs, 64):
+        chunk = [jobs[j] for j in c]
+        fast = batched_delta(run, chunk, kernel="stacked")
+        ref = batched_delta(run, chunk, kernel="vmap")
+        _assert_close(fast, ref, f"stacked vs vmap kernel, start {chunk[0].start}")
+    assert stacked_mlp_grads(run.task) is not None, "the tiny MLP should take the stacked kernel"
+
+
+@pytest.mark.parametrize("start_from_job", [False, True])
+def test_same_start_replay_equals_naive(run_every4, start_from_job):
+    """The same-start baseline (one replay per job from its own start checkpoint) is the
+    naive reference: replay from a checkpoint reproduces the recorded run bit for bit."""
+    run = run_every4
+    jobs = _all_jobs(run, 2)
+    assert any(j.start > 0 for j in jobs)
+    base = torch.no_grad()(run.task.per_sample_loss)(run.final_params(), run.task.x_val, run.task.y_val)
+    naive = np.stack([naive_delta(run, j, base) for j in jobs])
+    same = np.stack([naive_delta(run, j, base, start=j.start if start_from_job else 0) for j in jobs])
+    _assert_close(same, naive, "same-start vs naive")
+
+
+def test_removal_before_the_start_is_refused(run_every4):
+    run = run_every4
+    job = next(j for j in _all_jobs(run) if j.start > 0)
+    with pytest.raises(DveError, match="cannot remove"):
+        naive_delta(run, job, start=run.checkpoints[run.checkpoints.index(job.start) + 1])
+
+
+def test_unknown_kernel_and_stacked_on_another_model_are_refused(run_epoch):
+    from dve_repro.tsloo import grads_for
+
+    with pytest.raises(DveError, match="kernel must be one of"):
+        grads_for(run_epoch.task, "fused")
+    other = dataclasses.replace(run_epoch.task, kind="lm")
+    with pytest.raises(DveError, match="needs an MLP classifier"):
+        grads_for(other, "stacked")
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "softplus", "sigmoid"])
+def test_stacked_grads_equal_vmap_grads(activation):
+    """Two hidden layers (the einsum path between hidden layers) and every activation."""
+    from dve_repro.config import MLPConfig
+    from dve_repro.models import build_model
+    from dve_repro.tasks import Task
+
+    model = build_model(MLPConfig(in_features=6, hidden=[5, 4], n_classes=3, activation=activation))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    task = Task("classify", model, x, y, x, y, 3, "random")
+    P = {k: v.detach().unsqueeze(0) + 0.3 * torch.randn(4, *v.shape, generator=gen, dtype=torch.float64)
+         for k, v in model.named_parameters()}
+    W = torch.rand(4, 7, generator=gen, dtype=torch.float64)
+    fast, ref = stacked_mlp_grads(task)(P, x, y, W), vmap_grads(task)(P, x, y, W)
+    assert set(fast) == set(ref)
+    for k in ref:
+        assert ref[k].abs().max() > 0
+        torch.testing.assert_close(fast[k], ref[k], rtol=0, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("optim", [
+    {"name": "sgd"},
+    {"name": "sgd", "momentum": 0.9, "weight_decay": 0.01},
+    {"name": "sgd", "momentum": 0.9, "grad_clip": 0.5},
+    {"name": "adamw", "weight_decay": 0.1},
+    {"name": "adamw", "weight_decay": 0.1, "grad_clip": 0.5},
+])
+def test_update_stack_is_bit_identical_to_vmapped_update(optim):
+    """The in-place / unvmapped step writes exactly the numbers of vmap(optim.update)."""
+    from torch.func import vmap
+
+    from dve_repro.config import OptimConfig
+    from dve_repro.optim import init_state, update
+
+    cfg = OptimConfig(**optim)
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"a.weight": (5, 3), "a.bias": (5,)}
+    P = {k: torch.randn(6, *s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    G = {k: torch.randn(6, *s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    S = {k: torch.rand(6, *v.shape, generator=gen, dtype=torch.float64)
+         for k, v in init_state({k: v[0] for k, v in P.items()}, cfg).items()}
+    assert (cfg.name == "sgd" and not cfg.momentum) or S
+    want_p, want_s = vmap(lambda p, g, s: update(p, g, s, 0.03, 2, cfg))(P, G, S)
+    got_p, got_s = {k: v.clone() for k, v in P.items()}, {k: v.clone() for k, v in S.items()}
+    update_stack(got_p, got_s, {k: v.clone() for k, v in G.items()}, 0.03, 2, cfg)
+    for k in want_p:
+        assert torch.equal(got_p[k], want_p[k]), k
+        assert not torch.equal(got_p[k], P[k])
+    for k in want_s:
+        assert torch.equal(got_s[k], want_s[k]), k
