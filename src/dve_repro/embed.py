@@ -50,8 +50,16 @@ def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, Trained
     """The config to embed with and the training run it reads.
 
     With ``run_dir`` the training sections come from the run's saved config and the rest
-    (projection, embed, …) from the overrides; otherwise the composed config names the run.
+    (projection, embed, …) from the run's experiment (when it is one of the shipped ones and no
+    ``experiment=`` is given) with the overrides on top; otherwise the composed config names the run.
     """
+    if run_dir is not None and not any(o.startswith("experiment=") for o in overrides):
+        from dve_repro.config import list_experiments
+
+        path = Path(run_dir) / "config.json"
+        saved = (artifacts.read_json(path).get("config") or {}).get("name") if path.is_file() else None
+        if saved in list_experiments():
+            overrides = [f"experiment={saved}", *overrides]
     requested = compose(overrides)
     if run_dir is None:
         path = train_dir(requested)
