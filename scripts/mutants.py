@@ -123,8 +123,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "adamw-unroll-mc-seed",
         "unroll.py",
-        "lg, n, curvature, mc_samples, mc_seed * 1_000_003 + t)",
-        "lg, n, curvature, mc_samples, mc_seed * 1_000_003 + t + 1)",
+        "lg, n, curvature, mc_samples, mc_step_seed(mc_seed, t))",
+        "lg, n, curvature, mc_samples, mc_step_seed(mc_seed, t + 1))",
         "AdamW unrolling: Monte-Carlo labels drawn with the next step's seed",
     ),
     M(

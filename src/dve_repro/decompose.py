@@ -49,6 +49,7 @@ from dve_repro.grads import FACTOR_KINDS
 from dve_repro.projection import Projector
 from dve_repro.projection_fit import make_projector
 from dve_repro.replay import TrainedRun, replay
+from dve_repro.tasks import mc_step_seed
 
 SCORES = "scores.npy"
 
@@ -123,7 +124,7 @@ def matrix_free_scores(cfg: Config, run: TrainedRun, blocks, settings: list[Sett
                 sets = [hook_factors(task, blocks, thetas[t - a], x, y)]
                 rows = {"ef": (0, 1)}
                 for c in (c for c in curvatures if c != "ef"):
-                    targets = curvature_targets(task, thetas[t - a], x, y, c, e.mc_samples, e.mc_seed * 1_000_003 + t)
+                    targets = curvature_targets(task, thetas[t - a], x, y, c, e.mc_samples, mc_step_seed(e.mc_seed, t))
                     rows[c] = (len(sets), len(sets) + len(targets))
                     sets += [hook_factors(task, blocks, thetas[t - a], x, lab, wt) for lab, wt in targets]
                 stacked = {name: tuple(torch.cat([f[name][i] for f in sets]) for i in (0, 1)) for name in sets[0]}

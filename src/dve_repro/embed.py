@@ -41,6 +41,7 @@ from dve_repro.optim import is_plain_sgd
 from dve_repro.projection import check_compatible
 from dve_repro.projection_fit import make_projector
 from dve_repro.replay import TrainedRun, replay
+from dve_repro.tasks import mc_step_seed
 from dve_repro.train import capture_blocks, train_dir
 
 TRAIN_SECTIONS = ("name", "seed", "data", "model", "optim", "schedule", "train", "trajectory")
@@ -140,7 +141,8 @@ def _replay_gradients(cfg: Config, run: TrainedRun, feat: Featurizer, store: Gra
             rows = feat.features(params, x, y)
             curv = None
             if rpp:
-                curv = feat.curvature(params, x, y, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed * 1_000_003 + t)
+                curv = feat.curvature(params, x, y, cfg.embed.curvature, cfg.embed.mc_samples,
+                                       mc_step_seed(cfg.embed.mc_seed, t))
             store.write(t, rows, curv)
             pending.append(t)
             if len(pending) >= 32:

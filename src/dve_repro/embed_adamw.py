@@ -40,6 +40,7 @@ from dve_repro.errors import DveError
 from dve_repro.optim import AdamWLinearization
 from dve_repro.projection import _seed
 from dve_repro.replay import TrainedRun, replay
+from dve_repro.tasks import logits_of, mc_step_seed
 
 Tensors = dict[str, torch.Tensor]
 KINDS = ("mask", "kron")
@@ -440,7 +441,7 @@ def _step_data(
     F = (
         None
         if curvature == "ef"
-        else sub.project(_factor_grads(task, theta, x, y, curvature, mc_seed * 1_000_003 + t))
+        else sub.project(_factor_grads(task, theta, x, y, curvature, mc_step_seed(mc_seed, t)))
     )
     if sub.kind == "mask":
         named = {
@@ -494,7 +495,7 @@ def _factor_grads(task, theta: Tensors, x, y, curvature: str, seed: int) -> Tens
 
     def logit_row(p, xi, si):
         out = functional_call(model, p, (xi.unsqueeze(0),))
-        return (out.logits if hasattr(out, "logits") else out)[0] @ si  # [C]: Jᵀ columns via S
+        return logits_of(out)[0] @ si  # [C]: Jᵀ columns via S
 
     def rows_of(p, xi, si):
         return torch.func.jacrev(logit_row)(p, xi, si)  # {name: [C, *shape]}

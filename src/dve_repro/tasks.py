@@ -20,6 +20,17 @@ from torch.func import functional_call
 from dve_repro.config import Config, ImageDataConfig, torch_dtype
 
 
+def logits_of(out) -> torch.Tensor:
+    """The logits of a model's output: a Hugging Face output's ``.logits``, else the tensor."""
+    return out.logits if hasattr(out, "logits") else out
+
+
+def mc_step_seed(mc_seed: int, t: int) -> int:
+    """Seed of step t's Monte-Carlo Fisher label draws (``embed.mc_seed``): the same draws in
+    capture, replay, the AdamW embedding, the unrolled methods and the decomposition."""
+    return mc_seed * 1_000_003 + t
+
+
 @dataclass
 class Task:
     kind: str  # classify | lm
@@ -59,8 +70,7 @@ class Task:
         return x, y
 
     def logits(self, params: dict, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, params, (x,))
-        return out.logits if hasattr(out, "logits") else out
+        return logits_of(functional_call(self.model, params, (x,)))
 
     def per_sample_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ(θ, z) for each sample: cross-entropy [B] (token-mean per sequence for LMs)."""

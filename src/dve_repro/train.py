@@ -35,7 +35,7 @@ from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, ConfigError
 from dve_repro.grads import LinearFactorHooks
 from dve_repro.optim import init_state, lr_schedule, update
-from dve_repro.tasks import Task, build_task, initial_params, resolve_device
+from dve_repro.tasks import Task, build_task, initial_params, mc_step_seed, resolve_device
 from dve_repro.trajectory import (
     TRAJECTORY,
     checkpoint_schedule,
@@ -358,7 +358,8 @@ class _TrainCapture:
         t0 = time.perf_counter()
         curv = None
         if self.curvature != "ef":
-            curv = self.featurizer.curvature(params, x, y, self.curvature, self.mc_samples, self.mc_seed * 1_000_003 + t)
+            curv = self.featurizer.curvature(params, x, y, self.curvature, self.mc_samples,
+                                             mc_step_seed(self.mc_seed, t))
         t1 = time.perf_counter()
         if self.featurizer.engine == "hooks":
             with self.hooks:

@@ -47,7 +47,7 @@ from dve_repro.errors import ArtifactError, DveError
 from dve_repro.models import MLP
 from dve_repro.optim import update
 from dve_repro.replay import TrainedRun, replay
-from dve_repro.tasks import Task
+from dve_repro.tasks import Task, logits_of
 
 Tensors = dict[str, torch.Tensor]
 
@@ -143,7 +143,7 @@ def vmap_grads(task: Task) -> GradFn:
 
     def weighted_loss(p, x, y, w):
         logits = functional_call(model, p, (x,))
-        logits = logits.logits if hasattr(logits, "logits") else logits
+        logits = logits_of(logits)
         return (task.per_sample_loss_from_logits(logits, y) * w).sum()
 
     return vmap(grad(weighted_loss), in_dims=(0, None, None, 0))

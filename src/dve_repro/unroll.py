@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from dve_repro import ui
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun, replay
+from dve_repro.tasks import mc_step_seed
 
 # torch's forward-mode AD scripts its decompositions on first use and warns that
 # torch.jit.script is deprecated: torch's internals, nothing a user can act on.
@@ -86,7 +87,7 @@ def unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "hessian
                 n = x.shape[0]
                 w = float(traj.lrs[t]) / n
                 scores, v = _step(task, theta, x, y, v, w, float(traj.lrs[t]), n, curvature, o.weight_decay,
-                                  mc_samples, mc_seed * 1_000_003 + t)
+                                  mc_samples, mc_step_seed(mc_seed, t))
                 out[offsets[t] : offsets[t + 1]] = scores.T.cpu().numpy()
                 bar.update(1)
     return out
@@ -128,7 +129,7 @@ def adamw_unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "h
                 _, g = step_grads(task, theta, x, y, traj.weights(t, dtype=task.weight_dtype, device=run.device))
                 lin = AdamWLinearization(theta, state, g, float(traj.lrs[t]), t, o)
                 lt, lm, lv, lg = lin.adjoint(lt, lm, lv)
-                u, cv = _products(task, theta, x, y, lg, n, curvature, mc_samples, mc_seed * 1_000_003 + t)
+                u, cv = _products(task, theta, x, y, lg, n, curvature, mc_samples, mc_step_seed(mc_seed, t))
                 if cv is not None:
                     lt = {k: lt[k] + cv[k] for k in lt}
                 out[offsets[t] : offsets[t + 1]] = (-u / n).T.cpu().numpy()
@@ -156,7 +157,7 @@ def _products(task, theta, x, y, v, n, curvature, mc_samples, seed):
 
     def losses_of(p, labels=y):
         out = functional_call(model, p, (x,))
-        return task.per_sample_loss_from_logits(out.logits if hasattr(out, "logits") else out, labels)
+        return task.per_sample_loss_from_logits(logits_of(out), labels)
 
     # u[q, i] = g_i(θ_t)ᵀ v_q  (one jvp of the per-sample loss vector per query)
     u = vmap(lambda vq: jvp(losses_of, (theta,), (vq,))[1])(v)  # [Q, B]
@@ -173,7 +174,7 @@ def _products(task, theta, x, y, v, n, curvature, mc_samples, seed):
     elif curvature == "gn":
         def logits_of(p):
             out = functional_call(model, p, (x,))
-            return out.logits if hasattr(out, "logits") else out
+            return logits_of(out)
 
         logits, pull = vjp(logits_of, theta)
         probs = torch.softmax(logits, dim=-1)  # [B, C]
@@ -183,7 +184,7 @@ def _products(task, theta, x, y, v, n, curvature, mc_samples, seed):
     else:  # mc
         with torch.no_grad():
             out = functional_call(model, theta, (x,))
-            probs = torch.softmax((out.logits if hasattr(out, "logits") else out).double(), dim=-1)
+            probs = torch.softmax(logits_of(out).double(), dim=-1)
         gen = torch.Generator().manual_seed(seed)
         cv = None
         for _ in range(mc_samples):
