@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from dve_repro import ui
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun, replay
-from dve_repro.tasks import mc_step_seed
+from dve_repro.tasks import logits_of, mc_step_seed
 
 # torch's forward-mode AD scripts its decompositions on first use and warns that
 # torch.jit.script is deprecated: torch's internals, nothing a user can act on.
@@ -172,13 +172,12 @@ def _products(task, theta, x, y, v, n, curvature, mc_samples, seed):
         _, pull = vjp(losses_of, theta)
         cv = vmap(lambda uq: pull(uq / n)[0])(u)
     elif curvature == "gn":
-        def logits_of(p):
-            out = functional_call(model, p, (x,))
-            return logits_of(out)
+        def logits_at(p):
+            return logits_of(functional_call(model, p, (x,)))
 
-        logits, pull = vjp(logits_of, theta)
+        logits, pull = vjp(logits_at, theta)
         probs = torch.softmax(logits, dim=-1)  # [B, C]
-        jv = vmap(lambda vq: jvp(logits_of, (theta,), (vq,))[1])(v)  # [Q, B, C]
+        jv = vmap(lambda vq: jvp(logits_at, (theta,), (vq,))[1])(v)  # [Q, B, C]
         h = probs * jv - probs * (probs * jv).sum(-1, keepdim=True)  # (diag p − p pᵀ) J v
         cv = vmap(lambda hq: pull(hq / n)[0])(h)
     else:  # mc
