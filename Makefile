@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export MPLCONFIGDIR ?= $(CURDIR)/.mplconfig
 
-.PHONY: help venv lock test test-slow test-slow-only gpu-check mutants lint format reproduce ablate bench train clean-runs
+.PHONY: help venv lock test test-slow test-slow-only gpu-check mutants lint format reproduce reproduce-gpu report ablate bench train clean-runs
 
 help: ## List targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -51,8 +51,15 @@ format: $(STAMP) ## Apply ruff formatting and safe fixes
 train: $(STAMP) ## Train the default MNIST experiment
 	$(VENV)/bin/dve train experiment=mnist_mlp
 
-reproduce: $(STAMP) ## Regenerate every committed result and figure under results/
-	$(VENV)/bin/dve compare-tsloo experiment=mnist_mlp
+reproduce: $(STAMP) ## Every experiment this machine can run (dve reproduce), then results/REPORT.md
+	$(VENV)/bin/dve reproduce
+
+reproduce-gpu: $(STAMP) ## On a CUDA machine: the paper-scale settings (gpu tests, Pythia-410M Table 1 benchmark), then the report
+	$(MAKE) gpu-check
+	$(VENV)/bin/dve report
+
+report: $(STAMP) ## Rewrite results/REPORT.md and README's results table from the committed small results
+	$(VENV)/bin/dve report
 
 ablate: $(STAMP) ## Ablation map (projection, M blocks, lr, epochs, activation) → results/mnist_ablation/ablations/
 	$(VENV)/bin/dve ablate experiment=mnist_ablation --results results/mnist_ablation/ablations "projection.k_in=16,32,64,128" "embed.blocks=full,layer" \

@@ -453,6 +453,47 @@ def analyze_dynamics(
                                  command=command_line("analyze dynamics", overrides))))
 
 
+@app.command(help="Every experiment this machine can run, one stage after another (E1, E1 with AdamW, E6, E3, E4, "
+             "the LM fidelity checks, E5, the CPU rows of Table 1), reusing finished work; one line per stage with "
+             "its time; then `dve report`. A failed stage does not stop the others (exit 1 at the end).")
+@guarded
+def reproduce(
+    results_root: Path = typer.Option(Path("results"), "--results-root",
+                                      help="Where the small results go (the committed results/ by default)."),
+    out_root: Path = typer.Option(None, "--out-root", help="Run folders (default: each experiment's runtime.out_root, "
+                                  "results/runs)."),
+    profile: str = typer.Option("full", "--profile", help="full (as committed) or tiny (seconds; needs "
+                                "--results-root other than results/)."),
+    only: str = typer.Option(None, "--only", help="Comma-separated stage names (see --dry-run)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages and their commands; run nothing."),
+) -> None:
+    from dve_repro.reproduce import run_reproduce
+
+    readme = Path("README.md") if Path(results_root) == Path("results") and Path("README.md").exists() else None
+    failed = run_reproduce(profile, results_root, out_root, only.split(",") if only else None, dry_run=dry_run,
+                           echo=typer.echo, readme=readme)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command(help="Write REPORT.md from the committed small results alone (no recomputation): per paper claim, the "
+             "paper's number, ours, the verdict by the rules in its header, the command and the figure.")
+@guarded
+def report(
+    results_root: Path = typer.Option(Path("results"), "--results-root", help="Folder of the small results."),
+    out: Path = typer.Option(None, "--out", help="Report file (default <results-root>/REPORT.md)."),
+    readme: Path = typer.Option(None, "--readme", help="Also refresh the results table of this README (default "
+                                "README.md when --results-root is results/)."),
+) -> None:
+    from dve_repro.report import write_report
+
+    if not Path(results_root).is_dir():
+        raise DveError(f"{results_root} is not a folder of results")
+    if readme is None and Path(results_root) == Path("results") and Path("README.md").exists():
+        readme = Path("README.md")
+    typer.echo(str(write_report(results_root, out, readme)))
+
+
 def main() -> None:
     try:
         app()
