@@ -90,12 +90,13 @@ def write_text(path: str | Path, text: str) -> None:
 
 def record_command(folder: str | Path, key: str, command: str) -> None:
     """Keep one ``key: command`` line per output family in ``folder/COMMAND.txt`` (the other
-    families' lines are kept: several commands write into one results folder)."""
+    families' lines are kept: several commands write into one results folder). Lines are sorted
+    by key, so the file does not depend on which command ran last."""
     path = Path(folder) / "COMMAND.txt"
     lines = path.read_text().splitlines() if path.is_file() else []
     lines = [ln for ln in lines if not ln.startswith(f"{key}: ")]
     lines.append(f"{key}: {command}")
-    write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(sorted(lines)) + "\n")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
