@@ -254,6 +254,8 @@ def _e6(root: Path) -> Finding:
     if (gone := _missing(path)) is not None:
         return gone
     a = _read(path)
+    if not (a.method == "dvemb").any():
+        return Finding("—", "not run here", f"{path} has no dvemb row")
     row = a[a.method == "dvemb"].iloc[0]
     stand_in = "stand-in" in str(row.dataset)
     works = row.auroc >= RULES["e6_auroc"] and row.auroc_lo > 0.5
@@ -323,6 +325,8 @@ def _adamw(folder: str) -> Callable[[Path], Finding]:
         names = [m for m in ("dvemb-sgd-proxy", "unrolled-adamw-hessian", "unrolled-adamw-gn", "unrolled-adamw-mc",
                              "dvemb-adamw-mask", "dvemb-adamw-kron", "influence") if _rho(s, m, setting) is not None]
         rows = {m: _rho(s, m, setting) for m in names}
+        if not rows:
+            return Finding("—", "not run here", f"{path} has no AdamW comparison rows")
         ours = "; ".join(f"{m} {rows[m].spearman:.2f}" for m in names if m in ("dvemb-sgd-proxy",
                                                                                 "unrolled-adamw-hessian",
                                                                                 "dvemb-adamw-mask"))
@@ -421,7 +425,11 @@ def judge_all(root: Path) -> list[tuple[Claim, Finding]]:
     failed = _failed(root)
     out = []
     for c in CLAIMS:
-        f = c.judge(root)
+        try:
+            f = c.judge(root)
+        except (OSError, ValueError, KeyError, AttributeError) as exc:  # a damaged result file: say so
+            f = Finding("—", "failed", f"cannot read its result files ({type(exc).__name__}: {exc}); rerun its "
+                        "stage (`dve reproduce --only …`)")
         if c.id in failed:
             f = Finding(f.ours, "failed", failed[c.id], f.body)
         out.append((c, f))

@@ -101,3 +101,12 @@ def test_tiny_profile_end_to_end(tmp_path):
     res = CliRunner().invoke(app, ["reproduce", "--profile", "tiny", "--results-root", str(root)])
     assert res.exit_code == 0, res.output
     assert (root / "REPORT.md").read_text() == first
+
+
+def test_a_damaged_result_file_is_reported_failed_not_trusted(tmp_path):
+    (tmp_path / "mnist_mlp").mkdir()
+    (tmp_path / "mnist_mlp" / "summary.csv").write_text("method,setting\n")  # columns missing
+    res = CliRunner().invoke(app, ["report", "--results-root", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    rows = _rows((tmp_path / "REPORT.md").read_text())
+    assert rows["E1-single"] == "failed" and rows["E3"] == "not run here"
