@@ -169,13 +169,19 @@ class GradientStore:
         keep = {k: v for k, v in meta.items() if k not in ("dim", "rows_per_point", "dtype", "n_rows", "steps")}
         return cls(folder, offsets, meta["dim"], keep, meta["rows_per_point"], meta["dtype"])
 
-    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None) -> None:
-        """Step t's rows [B_t, p̃] (and curvature rows [B_t·R, p̃]) into the maps, in the store's dtype."""
+    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None, start: int = 0,
+              whole: bool = True) -> None:
+        """Step t's rows [B_t, p̃] (and curvature rows [B_t·R, p̃]) into the maps, in the store's dtype.
+
+        ``whole=False``: ``rows`` are the step's rows ``start : start + len(rows)`` only (one
+        rank's slice of the global batch, ``distributed.py``); the rank writes them at their
+        global positions and the others write the rest."""
         a, b = int(self.offsets[t]), int(self.offsets[t + 1])
         if self.F is not None and curv is None:
             raise ValueError("curvature rows required")
-        if rows.shape[0] != b - a:
-            raise ValueError(f"step {t} has {b - a} rows, got {rows.shape[0]}")
+        if (whole and (start or rows.shape[0] != b - a)) or start < 0 or a + start + rows.shape[0] > b:
+            raise ValueError(f"step {t} has {b - a} rows, got {rows.shape[0]} at position {start}")
+        a += start
         _write_rows(self.G, a, rows)
         if self.F is not None:
             _write_rows(self.F, a * self.rpp, curv)
@@ -266,8 +272,8 @@ class AsyncRowWriter:
                     return
                 if self._error is None:
                     t0 = time.perf_counter()
-                    t, rows, curv = item
-                    self.store.write(t, rows, curv)
+                    t, rows, curv, start, whole = item
+                    self.store.write(t, rows, curv, start, whole)
                     self.written_s += time.perf_counter() - t0
             except BaseException as exc:  # handed to the training thread, which raises it
                 self._error = exc
@@ -279,10 +285,11 @@ class AsyncRowWriter:
             err, self._error = self._error, None
             raise err
 
-    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None) -> None:
+    def write(self, t: int, rows: torch.Tensor, curv: torch.Tensor | None = None, start: int = 0,
+              whole: bool = True) -> None:
         self._raise()
         t0 = time.perf_counter()
-        self._queue.put((t, rows.detach(), None if curv is None else curv.detach()))
+        self._queue.put((t, rows.detach(), None if curv is None else curv.detach(), start, whole))
         self.waited_s += time.perf_counter() - t0
 
     def flush(self) -> None:

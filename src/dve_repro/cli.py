@@ -134,13 +134,32 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip()[:300]
 
 
-def _setup(overrides: list[str]):
+#: The commands that run on several processes under torchrun (distributed.py).
+RANKED_COMMANDS = ("train", "embed")
+
+
+def _ranks() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def _setup(overrides: list[str], command: str = ""):
     from dve_repro import ui
     from dve_repro.config import compose
 
+    if _ranks() > 1 and command not in RANKED_COMMANDS:
+        raise DveError(f"this command runs on one process; run it without torchrun (torchrun runs "
+                       f"{' and '.join(f'dve {c}' for c in RANKED_COMMANDS)})")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     cfg = compose(overrides)
     ui.set_enabled(cfg.runtime.progress)
+    if _ranks() > 1:  # join torchrun's group before anything is put on a device (cuda:<local rank>)
+        from dve_repro import distributed
+        from dve_repro.tasks import resolve_device
+
+        distributed.context(resolve_device(cfg.runtime.device))
     return cfg
 
 
@@ -163,7 +182,7 @@ def train(
 ) -> None:
     from dve_repro.train import run_training
 
-    cfg = _setup(overrides or [])
+    cfg = _setup(overrides or [], "train")
     path = run_training(cfg, force=force)
     typer.echo(str(path))
 
@@ -187,7 +206,7 @@ def embed(
     from dve_repro.embed import resolve, run_embedding
 
     run_dir, overrides = _split_run_dir(args or [])
-    _setup(overrides)
+    _setup(overrides, "embed")
     cfg, run = resolve(run_dir, overrides)
     typer.echo(str(run_embedding(cfg, run, force=force)))
 
@@ -499,6 +518,11 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if _ranks() > 1:  # leave torchrun's process group (it was joined by the stage)
+            from dve_repro import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ trained with ``trajectory.capture=true``). Writes ``<out_root>/<name>/embed-<fin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -33,10 +34,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dve_repro import artifacts, embedding, ui
+from dve_repro import artifacts, distributed, embedding, ui
 from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point
 from dve_repro.config import Config, compose, fingerprint, from_dict, stage_payload, to_dict
-from dve_repro.errors import ArtifactError, DveError
+from dve_repro.errors import ArtifactError, ConfigError, DveError
 from dve_repro.optim import is_plain_sgd
 from dve_repro.projection import check_compatible
 from dve_repro.projection_fit import make_projector
@@ -193,9 +194,12 @@ def boundaries_for(run: TrainedRun, k: int) -> list[int]:
 
 
 def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
-    ui.set_enabled(cfg.runtime.progress)
+    ctx = distributed.context(run.device)
+    ui.set_enabled(cfg.runtime.progress and ctx.is_main)
     # Refuse an impossible segmentation before any folder is made or gradient computed.
     bounds = boundaries_for(run, cfg.embed.segments) if cfg.embed.algorithm == 2 else None
+    if ctx.active:
+        return _run_embedding_ranks(cfg, run, ctx, force, bounds)
     payload = stage_payload(cfg, "embed")
     rd = artifacts.RunDir(embed_dir(cfg), payload)
     rd.check()
@@ -220,6 +224,90 @@ def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     return rd.final
 
 
+def _run_embedding_ranks(cfg: Config, run: TrainedRun, ctx: distributed.Context, force: bool, bounds) -> Path:
+    """:func:`run_embedding` under torchrun. Rank 0 checks, locks and prepares the folder,
+    and brings the gradient rows (captured, or recomputed by replay); then the recursion is
+    split: Algorithm 1's per-layer M blocks (independent given the rows) in contiguous
+    groups of about equal Σ p_b², or Algorithm 2's segments, one group per rank, each rank
+    writing its columns / rows of the shared E. Rank 0 then combines (Algorithm 2) and
+    scores exactly as one process does."""
+    if cfg.embed.optimizer_aware:
+        raise ConfigError("embed.optimizer_aware=true runs on one process; run it without torchrun")
+    if cfg.embed.algorithm == 1 and cfg.embed.blocks != "layer":
+        raise ConfigError("Algorithm 1 with one M (embed.blocks=full) cannot be split over processes; use "
+                          "embed.blocks=layer, embed.algorithm=2, or run it without torchrun")
+    rd = artifacts.RunDir(embed_dir(cfg), stage_payload(cfg, "embed"))
+    with contextlib.ExitStack() as stack:
+        held: dict = {}
+
+        def prepare():  # rank 0: what one process does before the recursion
+            rd.check()
+            stack.enter_context(rd.locked())
+            if rd.reusable(force):
+                return None
+            feat = held["feat"] = make_featurizer(cfg, run)
+            blocks = feat.projector.block_slices() if cfg.embed.blocks == "layer" else None
+            embedding.check_matrix_fits(feat.projector.out_dim, blocks, compute_dtype(cfg), cfg.embed.max_matrix_gb,
+                                        copies=2 if cfg.embed.algorithm == 2 else 1)
+            _check_space(cfg, run, feat, rd.final)
+            rd.prepare(to_dict(cfg), run.device, force=force)
+            t0 = time.perf_counter()
+            store = held["store"] = gradients(cfg, run, feat, grads_dir(cfg, feat))
+            held["capture_s"] = time.perf_counter() - t0
+            artifacts.create_npy(rd.file("E.npy.partial"), store.G.shape, cfg.embed.storage_dtype).flush()
+            return str(rd.path), str(store.folder), blocks
+
+        plan = distributed.on_main(ctx, prepare)
+        if plan is None:
+            ui.log(f"reusing finished embedding {rd.final}")
+            return rd.final
+        path, store_folder, blocks = plan
+        rd.path = Path(path)
+        store = held.get("store") or GradientStore.open_existing(Path(store_folder))
+        E = artifacts.open_npy(rd.file("E.npy.partial"), "r+")
+        offsets, w = run.traj.offsets(), run.traj.lrs / run.traj.sizes()
+        kw = {"dtype": compute_dtype(cfg), "max_matrix_gb": cfg.embed.max_matrix_gb, "device": run.device}
+        t0 = time.perf_counter()
+        if cfg.embed.algorithm == 1:
+            p = store.G.shape[1]
+            first, last = distributed.split_contiguous([(b.stop - b.start) ** 2 for b in blocks], ctx.world)[ctx.rank]
+            cols, mine = embedding.column_part(blocks, p, first, last)
+            ui.log(f"algorithm 1 on {ctx.world} ranks: rank 0 has M blocks {first}..{last - 1} of {len(blocks)}")
+            if mine:
+                embedding.algorithm1(store.G[:, cols], offsets, w, F=None if store.F is None else store.F[:, cols],
+                                     f_offsets=store.f_offsets(), blocks=mine, out=E[:, cols],
+                                     chunk_steps=cfg.embed.chunk_steps, **kw)
+            E.flush()
+            ctx.barrier()
+            dynamics = None
+        else:
+            K = len(bounds) - 1
+            first, last = distributed.split_contiguous([int(offsets[bounds[k + 1]] - offsets[bounds[k]])
+                                                        for k in range(K)], ctx.world)[ctx.rank]
+            ui.log(f"algorithm 2 on {ctx.world} ranks: {K} segments at {bounds}; rank 0 has {first}..{last - 1}")
+            local = embedding.segment_recursions(store.G, offsets, w, bounds, range(first, last), F=store.F,
+                                                 f_offsets=store.f_offsets(), blocks=blocks, out=E, **kw)
+            E.flush()
+            parts = ctx.gather({k: [M.cpu() for M in (M if isinstance(M, list) else [M])] for k, M in local.items()})
+            dynamics = None
+            if ctx.is_main:
+                merged = {k: M if blocks is not None else M[0] for part in parts for k, M in part.items()}
+                feat = held["feat"]
+                queries = {j: query_features(feat, run.load_params(b)[0], run.task.x_val, run.task.y_val).mean(0)
+                           for j, b in enumerate(bounds[1:], start=1)}
+                dynamics = embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(),
+                                                blocks=blocks, queries=queries, out=E, local=merged, **kw).dynamics
+        if ctx.is_main:
+            E.flush()
+            del E
+            feat = held["feat"]
+            timings = {"capture_s": held["capture_s"], "algorithm_s": time.perf_counter() - t0}
+            finish_embedding(cfg, run, rd, feat, dynamics, bounds, timings, _embedding_meta(cfg, run, feat, store)
+                             | {"ranks": ctx.world})
+        ctx.barrier()  # the other ranks return once rank 0 has marked the embedding done
+    return rd.final
+
+
 def _check_space(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> None:
     """Refuse before any work when E, the scores and recomputed gradients cannot fit on disk."""
     n_rows, item = int(run.traj.offsets()[-1]), np.dtype(cfg.embed.storage_dtype).itemsize
@@ -231,7 +319,6 @@ def _check_space(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -
 
 
 def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer, blocks, bounds) -> None:
-    p_dim = feat.projector.out_dim
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     store = gradients(cfg, run, feat, grads_dir(cfg, feat))
@@ -259,15 +346,18 @@ def _embed(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat: Featurizer,
     E.flush()
     timings["algorithm_s"] = time.perf_counter() - t0
     del E
-    meta = {
+    finish_embedding(cfg, run, rd, feat, dynamics, bounds, timings, _embedding_meta(cfg, run, feat, store))
+
+
+def _embedding_meta(cfg: Config, run: TrainedRun, feat: Featurizer, store: GradientStore) -> dict:
+    return {
         "projection": feat.projector.describe(),
         "curvature": cfg.embed.curvature,
         "layers": [b.name for b in feat.blocks],
         "left_out": run.task.extra.get("left_out", "nothing (all parameters)"),
-        "p_tilde": p_dim,
+        "p_tilde": feat.projector.out_dim,
         "gradient_bytes": store.nbytes(),
     }
-    finish_embedding(cfg, run, rd, feat, dynamics, bounds, timings, meta)
 
 
 def finish_embedding(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat, dynamics, bounds,

@@ -297,6 +297,7 @@ def algorithm2(
     out: Array | None = None,
     max_matrix_gb: float = 8.0,
     device: Device = "cpu",
+    local: dict[int, Any] | None = None,
 ) -> Algorithm2Result:
     """Paper Algorithm 2 (parallel influence checkpointing); equal to :func:`algorithm1`.
 
@@ -309,6 +310,10 @@ def algorithm2(
     dynamics[row, j−1] = u_jᵀ Q_{j−1} ⋯ Q_{k+1} e_local for rows of segment k < j, NaN otherwise.
     Propagators, queries and products live on ``device`` (queries are moved there);
     ``dynamics`` is returned on the CPU. Worker processes run on the CPU only.
+
+    ``local`` {k: M_k} for every segment: the first phase was run elsewhere
+    (:func:`segment_recursions`, e.g. one rank per segment) and ``out`` already holds the
+    local embeddings; only the propagation across segments runs here.
     """
     if workers > 0 and torch.device(device).type != "cpu":
         raise DveError(f"embed.workers={workers} runs segments in CPU processes; on {device} use embed.workers=0 "
@@ -330,7 +335,11 @@ def algorithm2(
         seg_foffs = None if F is None else [o - foffs[s0] for o in foffs[s0 : s1 + 1]]
         jobs.append((k, s0, s1, seg_offs, ws[s0:s1], seg_foffs))
     Ms: list[list[torch.Tensor]] = [[] for _ in range(K)]
-    if workers > 0:
+    if local is not None:
+        if sorted(local) != list(range(K)):
+            raise ValueError(f"local propagators given for segments {sorted(local)}, expected 0..{K - 1}")
+        Ms = [_as_list(local[k]) for k in range(K)]
+    elif workers > 0:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])  # torch imported once, in the (fresh) server
         out_is_file = isinstance(_ref(out, 0, 0), tuple)
@@ -350,13 +359,9 @@ def algorithm2(
                     _write(out, offs[s0], offs[s1], E_loc)
                 Ms[k] = _as_list(M)
     else:
-        for k, s0, s1, so, sw, sf in jobs:
-            Fk = None if F is None else F[foffs[s0] : foffs[s1]]
-            _, M = algorithm1(
-                G[offs[s0] : offs[s1]], so, sw, F=Fk, f_offsets=sf, blocks=blocks,
-                out=out[offs[s0] : offs[s1]], dtype=dtype, max_matrix_gb=max_matrix_gb, device=device,
-            )
-            Ms[k] = _as_list(M)
+        done = segment_recursions(G, offs, ws, b, range(K), F=F, f_offsets=foffs if F is not None else None,
+                                  blocks=blocks, out=out, dtype=dtype, max_matrix_gb=max_matrix_gb, device=device)
+        Ms = [_as_list(done[k]) for k in range(K)]
     Qs = [[torch.eye(M.shape[0], dtype=dtype, device=device) - M.to(device) for M in Mk] for Mk in Ms]
     del Ms
 
@@ -399,6 +404,50 @@ def algorithm2(
         if squeeze:
             dynamics = dynamics[..., 0]
     return Algorithm2Result(out, [_as_output(Q, blocks) for Q in Qs], dynamics)
+
+
+def segment_recursions(
+    G: Array,
+    offsets,
+    w,
+    boundaries: Sequence[int],
+    segments: Sequence[int],
+    *,
+    F: Array | None = None,
+    f_offsets=None,
+    blocks: Blocks = None,
+    out: Array,
+    dtype: torch.dtype = torch.float64,
+    max_matrix_gb: float = 8.0,
+    device: Device = "cpu",
+) -> dict[int, Any]:
+    """The first phase of :func:`algorithm2` for ``segments`` only: Algorithm 1 inside each
+    (M = 0 at its end), local embeddings written to their rows of ``out`` [N_occ, p], and
+    {k: M_k} returned — what one of several processes computes before
+    ``algorithm2(..., local=…)`` combines all segments (segments are independent here)."""
+    offs, ws, foffs = _prepare(G, offsets, w, F, f_offsets)
+    b = [int(x) for x in boundaries]
+    result = {}
+    for k in segments:
+        s0, s1 = b[k], b[k + 1]
+        so = [o - offs[s0] for o in offs[s0 : s1 + 1]]
+        sf = None if F is None else [o - foffs[s0] for o in foffs[s0 : s1 + 1]]
+        Fk = None if F is None else F[foffs[s0] : foffs[s1]]
+        _, M = algorithm1(G[offs[s0] : offs[s1]], so, ws[s0:s1], F=Fk, f_offsets=sf, blocks=blocks,
+                          out=out[offs[s0] : offs[s1]], dtype=dtype, max_matrix_gb=max_matrix_gb, device=device)
+        result[int(k)] = M
+    return result
+
+
+def column_part(blocks: Sequence[slice], p: int, first: int, last: int) -> tuple[slice, list[slice]]:
+    """Blocks ``first:last`` (in coordinate order) as one column range of [0, p) and their
+    slices relative to it: the part of a block-diagonal Algorithm 1 that one process runs
+    alone (each block's M follows the recursion independently of the others)."""
+    spans = _spans(blocks, p)[first:last]
+    if not spans:
+        return slice(0, 0), []
+    c0, c1 = spans[0].start, spans[-1].stop
+    return slice(c0, c1), [slice(s.start - c0, s.stop - c0) for s in spans]
 
 
 # ----------------------------------------------------------------------------- views

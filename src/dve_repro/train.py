@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dve_repro import artifacts, ui
+from dve_repro import artifacts, distributed, ui
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, ConfigError
 from dve_repro.grads import LinearFactorHooks
@@ -75,9 +76,14 @@ def step_grads(task: Task, params: Tensors, x, y, w: torch.Tensor, dtype: str = 
 
 
 def train_step(task: Task, params: Tensors, state: Tensors, t: int, x, y, w: torch.Tensor, lr: float,
-               cfg: Config) -> tuple[Tensors, Tensors, torch.Tensor]:
-    """θ_{t+1} from θ_t: one optimizer step on the weighted batch loss. Returns losses [B] too."""
+               cfg: Config, reduce: Callable[[Tensors], Tensors] | None = None) -> tuple[Tensors, Tensors, torch.Tensor]:
+    """θ_{t+1} from θ_t: one optimizer step on the weighted batch loss. Returns losses [B] too.
+
+    ``reduce``: sums the gradient over ranks before the update (a torchrun run, where x, y,
+    w are this rank's slice of the batch; :meth:`dve_repro.distributed.Context.sum_grads`)."""
     losses, grads = step_grads(task, params, x, y, w, cfg.train.dtype)
+    if reduce is not None:
+        grads = reduce(grads)
     new_p, new_s = update(params, grads, state, lr, t, cfg.optim)
     return {k: v.detach() for k, v in new_p.items()}, {k: v.detach() for k, v in new_s.items()}, losses
 
@@ -113,9 +119,13 @@ def run_training(cfg: Config, force: bool = False) -> Path:
     """Train (or reuse / resume) the configured run; returns its directory.
 
     The folder is locked for the whole run; a finished one is reused only after its
-    manifest verifies (a damaged one is rebuilt beside it and swapped in)."""
-    device = resolve_device(cfg.runtime.device)
-    ui.set_enabled(cfg.runtime.progress)
+    manifest verifies (a damaged one is rebuilt beside it and swapped in). Under torchrun
+    every rank trains its slice of each batch (:func:`_run_training_ranks`)."""
+    ctx = distributed.context(resolve_device(cfg.runtime.device))
+    device = ctx.device(resolve_device(cfg.runtime.device))
+    ui.set_enabled(cfg.runtime.progress and ctx.is_main)
+    if ctx.active:
+        return _run_training_ranks(cfg, ctx, device, force)
     payload = stage_payload(cfg, "train")
     run = artifacts.RunDir(train_dir(cfg), payload)
     run.check()  # refuses a mismatched config before anything is written
@@ -135,6 +145,53 @@ def run_training(cfg: Config, force: bool = False) -> Path:
         run.prepare(to_dict(cfg), device, force=force)
         _train(cfg, run, task, plan, device, selector)
     return run.final
+
+
+def _run_training_ranks(cfg: Config, ctx: distributed.Context, device: str, force: bool) -> Path:
+    """:func:`run_training` on ``ctx.world`` ranks: rank 0 checks, locks and prepares the
+    folder exactly as one process would, then tells the others whether to reuse it or where
+    to train; a refusal on rank 0 is raised on every rank (nothing was written)."""
+    check_ranks(cfg, ctx)
+    run = artifacts.RunDir(train_dir(cfg), stage_payload(cfg, "train"))
+    with contextlib.ExitStack() as stack:
+        built: dict = {}
+
+        def prepare() -> tuple[bool, str]:  # rank 0: what one process does before its first step
+            run.check()
+            stack.enter_context(run.locked())
+            if run.reusable(force):
+                return True, str(run.path)
+            torch.use_deterministic_algorithms(True)
+            built["task"] = task = build_task(cfg, device)
+            built["plan"] = plan = plan_batches(task.n_train, cfg.train)
+            check_training(cfg, task, plan, device)
+            run.prepare(to_dict(cfg), device, force=force)
+            return False, str(run.path)
+
+        reuse, path = distributed.on_main(ctx, prepare)
+        if reuse:
+            ui.log(f"reusing finished training run {run.final}")
+            return run.final
+        if not ctx.is_main:
+            torch.use_deterministic_algorithms(True)
+            run.path = Path(path)  # rank 0's folder (a staging folder when it rebuilds one)
+            built["task"] = task = build_task(cfg, device)
+            built["plan"] = plan_batches(task.n_train, cfg.train)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        _train(cfg, run, built["task"], built["plan"], device, None, ctx)
+    return run.final
+
+
+def check_ranks(cfg: Config, ctx: distributed.Context) -> None:
+    """Refuse what has no data-parallel form (before any rank writes)."""
+    if cfg.select.schedule != "never":
+        raise ConfigError("data selection (select.schedule) picks each batch on one process; train it without torchrun")
+    if cfg.trajectory.capture and cfg.embed.curvature == "mc":
+        raise ConfigError("embed.curvature=mc draws labels for the whole batch from one generator; "
+                          "capture it without torchrun, or use embed.curvature=ef/gn")
+    if cfg.train.batch_size < ctx.world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} leaves some of the {ctx.world} ranks no data")
 
 
 def check_training(cfg: Config, task: Task, plan, device: str) -> None:
@@ -221,28 +278,43 @@ def check_capture_budget(cfg: Config, task: Task, plan, device: str, ckpt_bytes:
                           f"its {gb(total)}; use embed.blocks=layer or a smaller projection")
 
 
-def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, selector=None) -> None:
+def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, selector=None,
+           ctx: distributed.Context | None = None) -> None:
+    """The training loop. With ``ctx`` (torchrun) every rank runs it on its slice of each
+    batch; rank 0 alone writes the folder's files, and waits for every rank's rows at each
+    checkpoint before it marks them done."""
+    ctx = ctx or distributed.Context()
+    main = ctx.is_main
     T = len(plan)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, T)
     ckpts = set(checkpoint_schedule(plan, cfg.trajectory))
-    artifacts.write_json(run.file("labels.json"), {
-        "noisy_indices": np.asarray(task.extra.get("noisy_indices", [])).tolist(),
-        "true_labels": np.asarray(task.extra.get("true_labels", [])).tolist(),
-        "data": task.description,
-    })
+    if main:
+        artifacts.write_json(run.file("labels.json"), {
+            "noisy_indices": np.asarray(task.extra.get("noisy_indices", [])).tolist(),
+            "true_labels": np.asarray(task.extra.get("true_labels", [])).tolist(),
+            "data": task.description,
+        })
 
-    start, rows = _resume_point(run.path, T)
+    start, rows = _resume_point(run.path, T) if main else (0, [])
+    start = ctx.broadcast(start)
     if start > 0:
         params, state = load_checkpoint(run.path, start, device)
         ui.log(f"resuming {run.final.name} from step {start}/{T}")
-    else:
+    elif main:
         params = initial_params(task)
         state = init_state(params, cfg.optim)
         save_checkpoint(run.path, 0, params, state)
-
-    capture = _make_capture(cfg, task, run.path, plan) if cfg.trajectory.capture else None
-    metrics = _load_metrics(run.path, start)
-    every = cfg.train.eval_every
+    capture = None
+    if cfg.trajectory.capture and main:
+        capture = _make_capture(cfg, task, run.path, plan)  # rank 0 allocates the shared store
+    ctx.barrier()
+    if not main:
+        if start == 0:  # θ_0 as rank 0 wrote it (the same bits on every rank)
+            params, state = load_checkpoint(run.path, 0, device)
+        if cfg.trajectory.capture:
+            capture = _make_capture(cfg, task, run.path, plan)  # opens rank 0's store
+    metrics = _load_metrics(run.path, start) if main else []
+    every = cfg.train.eval_every if main else 0
     curve = _load_curve(run.path, start) if every else []
     if every and start == 0:
         curve.append({"step": 0, "val_loss": task.evaluate(params, task.x_val, task.y_val)[0]})
@@ -254,15 +326,26 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
         for t in range(start, T):
             s = plan[t]
             indices = s.indices if selector is None else selector.batch(t, params, s.indices, lrs[t])
-            x, y = task.batch(indices)
-            w = torch.full((len(indices),), 1.0 / len(indices), dtype=task.weight_dtype, device=x.device)
+            part = ctx.batch_slice(len(indices))  # the whole batch on one process
+            x, y = task.batch(indices[part])
+            # w_i = 1/|B_t| of the global batch: the ranks' gradients sum to the batch mean's
+            w = torch.full((len(x),), 1.0 / len(indices), dtype=task.weight_dtype, device=x.device)
+            reduce = ctx.sum_grads if ctx.active else None
             if capture is not None:
-                params, state, losses = capture.step(task, params, state, t, x, y, w, lrs[t], cfg)
+                params, state, losses = capture.step(task, params, state, t, x, y, w, lrs[t], cfg, reduce, part.start,
+                                                     not ctx.active)
             else:
                 s0 = time.perf_counter()
-                params, state, losses = train_step(task, params, state, t, x, y, w, lrs[t], cfg)
+                params, state, losses = train_step(task, params, state, t, x, y, w, lrs[t], cfg, reduce)
                 step_s += time.perf_counter() - s0
-            loss = float(losses.mean())
+            loss = float(losses.mean()) if not ctx.active else ctx.sum_scalar(float(losses.sum())) / len(indices)
+            if not main:
+                bar.update(1, loss=loss)
+                if t + 1 in ckpts and capture is not None:
+                    capture.store.flush()  # this rank's rows are in the store before rank 0 commits
+                if t + 1 in ckpts:
+                    ctx.barrier()
+                continue
             rows.append({"step": t, "epoch": s.epoch, "pos": s.pos, "indices": indices.tolist(), "lr": lrs[t], "loss": loss})
             if every and ((t + 1) % every == 0 or t + 1 == T):
                 curve.append({"step": t + 1, "val_loss": task.evaluate(params, task.x_val, task.y_val)[0]})
@@ -277,6 +360,9 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
             if t + 1 in ckpts:
                 save_checkpoint(run.path, t + 1, params, state)
                 if capture is not None:
+                    capture.store.flush()
+                ctx.barrier()  # every rank's rows of steps < t+1 are written
+                if capture is not None:
                     capture.store.commit(range(0, t + 1))
                 # metrics first: the trajectory rows are what marks a checkpoint resumable
                 artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
@@ -287,11 +373,15 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
                 artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
     if capture is not None:
         capture.store.close()  # every row written (θ_T is a checkpoint: committed above)
+    if not main:
+        ctx.barrier()  # returns once rank 0 has marked the run done
+        return
     elapsed = time.perf_counter() - t0
     # profile: seconds of this process's steps (speed only; dve bench embed reads it)
     profile = capture.profile() if capture is not None else {"step_s": step_s}
     run.mark_done({"steps": T, "seconds": elapsed, "final_val_loss": metrics[-1]["val_loss"] if metrics else None,
-                   "resumed_from": start, "profile": profile})
+                   "resumed_from": start, "profile": profile, "ranks": ctx.world})
+    ctx.barrier()
     ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.final}")
 
 
@@ -354,7 +444,9 @@ class _TrainCapture:
         # projection (see profile())
         self.curvature_s = self.step_s = self.project_s = 0.0
 
-    def step(self, task, params, state, t, x, y, w, lr, cfg):
+    def step(self, task, params, state, t, x, y, w, lr, cfg, reduce=None, start: int = 0, whole: bool = True):
+        """One training step with its rows captured. ``reduce``/``start``/``whole=False``:
+        a torchrun rank's slice of the batch, whose rows go to positions ``start…`` of step t."""
         t0 = time.perf_counter()
         curv = None
         if self.curvature != "ef":
@@ -363,15 +455,15 @@ class _TrainCapture:
         t1 = time.perf_counter()
         if self.featurizer.engine == "hooks":
             with self.hooks:
-                new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
+                new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg, reduce)
             t2 = time.perf_counter()
             rows = self._rows(w, cfg)
         else:
             rows = self.featurizer.features(params, x, y)
             t2 = time.perf_counter()
-            new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg)
+            new_p, new_s, losses = train_step(task, params, state, t, x, y, w, lr, cfg, reduce)
         t3 = time.perf_counter()
-        self.store.write(t, rows, curv)
+        self.store.write(t, rows, curv, start, whole)
         self.curvature_s += t1 - t0
         self.step_s += t2 - t1 if self.featurizer.engine == "hooks" else time.perf_counter() - t2
         self.project_s += t3 - t2 if self.featurizer.engine == "hooks" else t2 - t1
