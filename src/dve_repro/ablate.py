@@ -60,23 +60,49 @@ def one_at_a_time(overrides: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def run_ablation(overrides: list[str], results_dir: Path, command: str | None = None) -> Path:
-    from dve_repro.compare import run_compare
+    """One comparison per value of each swept knob (others fixed), as jobs of Hydra's
+    configured launcher (``sweep.py``: ``hydra/launcher=joblib`` for processes); the
+    training runs are built first, here, once each. Writes ``ablations.csv`` and the plot."""
+    from functools import partial
 
-    jobs = one_at_a_time(overrides)
+    from dve_repro import sweep
+    from dve_repro.train import run_training
+
+    hydra_ov, job_ov = sweep.split_overrides(overrides)
+    jobs = one_at_a_time(job_ov)
+    cfgs = [compose(ov) for _, _, ov in jobs]  # every job's config is checked before anything runs
+    for cfg in cfgs:
+        run_training(cfg)
     out = Path(results_dir)
-    rows = []
-    for n, (knob, value, ov) in enumerate(jobs, start=1):
-        ui.log(f"[{n}/{len(jobs)}] {knob}={value}")
-        cfg = compose(ov)
-        res = run_compare(cfg, out / "runs" / f"{knob}={value}", figures=False)
-        summary = artifacts.load_table(res / "summary.csv")
-        rows.append(summary.assign(knob=knob, value=value))
-    table = pd.concat(rows, ignore_index=True)
+    ui.log(f"{len(jobs)} ablation jobs: " + ", ".join(f"{k}={v}" for k, v, _ in jobs))
+    done = sweep.launch(hydra_ov, partial(ablation_job, results_dir=str(out)),
+                        Path(cfgs[0].runtime.out_root) / cfgs[0].name / "sweeps", items=jobs)
+    table = pd.concat([summary.assign(knob=knob, value=value) for _, (knob, value, _), summary in done],
+                      ignore_index=True)
     artifacts.save_table(out / "ablations.csv", table)
     plot_ablation(table, out)
     if command:
         artifacts.write_text(out / "COMMAND.txt", command + "\n")
     return out
+
+
+def ablation_job(_overrides: list[str], item: tuple[str, str, list[str]], results_dir: str) -> pd.DataFrame:
+    """One value of one knob (a launcher job): its comparison's summary table."""
+    from dve_repro.compare import run_compare
+
+    knob, value, ov = item
+    share_stages()
+    res = run_compare(compose(ov), Path(results_dir) / "runs" / f"{knob}={value}", figures=False)
+    return artifacts.load_table(res / "summary.csv")
+
+
+def share_stages() -> None:
+    """Jobs of one sweep share stages (the ground truth of every embedding knob's values):
+    a job that finds one being built by another waits for it and then reuses it, instead of
+    refusing (``artifacts.FolderLock``)."""
+    import os
+
+    os.environ.setdefault("DVE_LOCK_WAIT", str(7 * 24 * 3600))
 
 
 def plot_ablation(table: pd.DataFrame, out: Path) -> None:

@@ -739,7 +739,7 @@ class _Rows:
     def __init__(self):
         self.rows: list[torch.Tensor] = []
 
-    def write(self, t, rows, curv=None):
+    def write(self, t, rows, curv=None, start=0, whole=True):
         self.rows.append(rows.detach().to("cpu", torch.float32))
 
 

@@ -260,31 +260,38 @@ def compare_tsloo(
                               "rerun without --shard once all shards are done to merge and compare."),
     force: bool = typer.Option(False, "--force", help="Recompute the comparison's cached method scores."),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Hydra multirun: sweep `key=a,b` overrides "
-                                  "(full product); each run writes to <results>/<overrides>/."),
+                                  "(full product); each run writes to <results>/<overrides>/. Jobs go through "
+                                  "Hydra's launcher: add `hydra/launcher=joblib hydra.launcher.n_jobs=2` for "
+                                  "processes, `hydra/launcher=submitit_slurm` for a cluster."),
+    shards: int = typer.Option(1, "--shards", min=1, help="Compute the ground truth as N launcher jobs (shards "
+                               "i/N, run by Hydra's launcher; see --multirun), check all finished, then compare."),
     per_point: bool = typer.Option(None, "--baselines/--no-baselines", help="Run the per-point baselines "
                                    "(influence function, TracIn, grad-dot). Default: yes for classifiers, no for "
                                    "language models. Skip the unrolled methods with `baselines.curvatures=[]`."),
 ) -> None:
-    from dve_repro.compare import run_compare
+    from dve_repro.compare import run_compare, run_sweep
 
-    jobs = [overrides or []]
-    if multirun:
-        from dve_repro.ablate import expand_multirun
+    if shards > 1 or multirun:
+        if shard:
+            raise DveError("--shard i/n computes one shard by hand; --shards N runs all of them: give one of the two")
+        from dve_repro.sweep import split_overrides
 
-        jobs = expand_multirun(overrides or [])
-    for job in jobs:
-        cfg = _setup(job)
-        if multirun:
-            tag = ",".join(o for o in job if o not in (overrides or [])) or "base"
-            target = (results or Path(cfg.runtime.out_root) / cfg.name / "multirun") / tag
-        else:
-            target = _results(cfg, job, results, "compare")
-        out = run_compare(cfg, target, force=force, shard=shard, per_point=per_point,
-                          command=command_line("compare-tsloo", job))
-        if out is None:
-            typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
-        else:
+        target = None
+        if not multirun:
+            job = split_overrides(overrides or [])[1]
+            target = _results(_setup(job), job, results, "compare")
+        for out in run_sweep(overrides or [], shards=shards, results=results, force=force, per_point=per_point,
+                             command="dve compare-tsloo", target=target):
             typer.echo(str(out))
+        return
+    job = overrides or []
+    cfg = _setup(job)
+    out = run_compare(cfg, _results(cfg, job, results, "compare"), force=force, shard=shard, per_point=per_point,
+                      command=command_line("compare-tsloo", job))
+    if out is None:
+        typer.echo(f"ground-truth shard {shard} done; run the remaining shards, then rerun without --shard")
+    else:
+        typer.echo(str(out))
 
 
 @app.command("decompose-projection", help="Issue 13: where the stored embedding loses fidelity. Scores DVEmb's "

@@ -334,6 +334,70 @@ def run_compare(cfg: Config, results_dir: Path, force: bool = False, shard: str 
     return _compare(cfg, run, gt_path, embed_path, results_dir, figures, per_point, force, command)
 
 
+def sweep_target(base: list[str], job: list[str], results: Path | None, cfg: Config) -> Path:
+    """Where one job of a ``-m`` sweep writes: ``<results>/<its swept overrides>/`` (the
+    overrides of keys not among the fixed ones, ``base``; Hydra may respell a value)."""
+    fixed = {o.split("=", 1)[0].lstrip("+~") for o in base}
+    tag = ",".join(o for o in job if o.split("=", 1)[0].lstrip("+~") not in fixed) or "base"
+    return Path(results or Path(cfg.runtime.out_root) / cfg.name / "multirun") / tag
+
+
+def compare_job(overrides: list[str], base: list[str], results: str | None, force: bool,
+                per_point: bool | None, command: str) -> str:
+    """One comparison of a sweep (a launcher job, possibly in another process)."""
+    from dve_repro.ablate import share_stages
+    from dve_repro.config import compose
+
+    share_stages()
+    cfg = compose(overrides)
+    target = sweep_target(base, overrides, Path(results) if results else None, cfg)
+    out = run_compare(cfg, target, force=force, per_point=per_point, command=" ".join([command, *overrides]))
+    return str(out)
+
+
+def run_sweep(overrides: list[str], *, shards: int = 1, results: Path | None = None, force: bool = False,
+              per_point: bool | None = None, command: str = "dve compare-tsloo", target: Path | None = None) -> list[Path]:
+    """``dve compare-tsloo -m …`` / ``--shards N``: every job of the sweep through Hydra's
+    configured launcher (``sweep.py``). The training stage of every job is built first, in
+    this process, once (launcher jobs would race to build it); with ``shards`` > 1 the
+    ground truth of each job is ``shards`` launcher jobs, checked complete (none missing,
+    none disagreeing) before the comparison runs. ``target``: the results folder of a
+    sweep with no swept key. Returns the results folders."""
+    from functools import partial
+
+    from dve_repro import sweep, tsloo
+    from dve_repro.ablate import expand_multirun
+    from dve_repro.config import compose
+    from dve_repro.train import run_training
+
+    hydra_ov, job_ov = sweep.split_overrides(overrides)
+    jobs = expand_multirun(job_ov)
+    cfgs = [compose(j) for j in jobs]  # every job's config is checked before anything runs
+    runs = {}
+    for cfg in cfgs:
+        ui.set_enabled(cfg.runtime.progress)
+        path = run_training(cfg)
+        runs.setdefault(path, TrainedRun.load(path, cfg.runtime.device))
+    root = Path(cfgs[0].runtime.out_root) / cfgs[0].name / "sweeps"
+    if shards > 1:
+        for job, cfg in zip(jobs, cfgs, strict=True):
+            ui.log(f"ground truth of [{' '.join(job)}] in {shards} shards")
+            sweep.launch([*hydra_ov, *job], tsloo.shard_job, root, items=[f"{i}/{shards}" for i in range(shards)])
+            run = runs[run_training(cfg)]
+            missing = tsloo.unfinished_shards(cfg, run, shards)
+            gt = tsloo.tsloo_dir(cfg)
+            if missing or not (gt / artifacts.DONE).is_file():
+                raise DveError(f"ground-truth shard(s) {', '.join(f'{i}/{shards}' for i in missing) or '(merge)'} "
+                               f"of {gt} did not finish; rerun the same command to finish them")
+    fixed = [o for o in job_ov if "," not in o.split("=", 1)[-1]]
+    if len(jobs) == 1:  # no swept key (shards only): the comparison runs here
+        return [run_compare(cfgs[0], target or sweep_target(fixed, jobs[0], results, cfgs[0]), force=force,
+                            per_point=per_point, command=" ".join([command, *overrides]))]
+    job = partial(compare_job, base=fixed, results=str(results) if results else None, force=force,
+                  per_point=per_point, command=command)
+    return [Path(value) for _, _, value in sweep.launch([*hydra_ov, *job_ov], job, root)]
+
+
 def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, results_dir: Path,
              figures: bool, per_point: bool | None, force: bool = False, command: str | None = None) -> Path:
     from dve_repro.tsloo import load_ground_truth

@@ -427,12 +427,47 @@ def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:
         m = artifacts.load_npy(pm)
         if m.shape != (n_jobs,):
             continue
-        delta[m] = artifacts.open_npy(pd_, "r", (n_jobs, 1 + n_val), np.float64)[m]
+        rows = artifacts.open_npy(pd_, "r", (n_jobs, 1 + n_val), np.float64)
+        both = m & done  # a job two parts hold (shards of another count, or rerun): they must agree
+        if both.any() and not np.allclose(rows[both], delta[both], rtol=1e-10, atol=1e-15):
+            bad = np.flatnonzero(both & ~np.isclose(rows, delta, rtol=1e-10, atol=1e-15).all(axis=1))
+            raise ArtifactError(f"{part} disagrees with another part on {len(bad)} job(s) (first: job {bad[0]}); "
+                                f"delete {path} to recompute the ground truth")
+        delta[m] = rows[m]
         done |= m
     if not done.all():
         return False
     artifacts.save_npy(path / "delta.npy", delta)
     return True
+
+
+def unfinished_shards(cfg: Config, run: TrainedRun, n: int) -> list[int]:
+    """The shards i of ``n`` whose jobs are not all done in ``part-i-of-n`` (all of them
+    before the folder exists)."""
+    path = tsloo_dir(cfg)
+    points = select_points(run, cfg.tsloo.n_points, cfg.tsloo.selection, cfg.tsloo.seed)
+    jobs = make_jobs(run, points, cfg.tsloo.settings, cfg.tsloo.conventions)
+    chunks = chunks_of(jobs, cfg.tsloo.chunk_size)
+    out = []
+    for i in range(n):
+        mask = path / f"part-{i}-of-{n}" / "done.npy"
+        done = artifacts.load_npy(mask) if mask.is_file() else np.zeros(len(jobs), bool)
+        mine = [j for k, c in enumerate(chunks) if k % n == i for j in c]
+        if done.shape != (len(jobs),) or not done[mine].all():
+            out.append(i)
+    return out
+
+
+def shard_job(overrides: list[str], shard: str) -> str:
+    """One ground-truth shard ``i/n`` of the configured run (a launcher job: runs in its own
+    process or on another machine; the training run must already exist)."""
+    from dve_repro.config import compose
+    from dve_repro.train import train_dir
+
+    cfg = compose(overrides)
+    ui.set_enabled(False)  # several shards share a terminal: the parent reports
+    run = TrainedRun.load(train_dir(cfg), cfg.runtime.device)
+    return str(run_tsloo(cfg, run, shard=shard))
 
 
 def load_ground_truth(path: Path) -> tuple[pd.DataFrame, np.ndarray]:

@@ -8,6 +8,8 @@ measured values (given in comments) with a margin of about 0.05.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -38,7 +40,10 @@ def results(tmp_path_factory):
     assert cfg.model.activation == "tanh", "the unrolled-Hessian check needs a smooth activation"
     out = run_compare(cfg, results_dir=tmp / "results")
     assert out is not None
-    return out
+    yield out
+    # the run folders hold ~6 GB (Gauss-Newton factor rows of 12,000 occurrences): gone once
+    # the module's tests have read the small results
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
