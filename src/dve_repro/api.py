@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -556,7 +557,11 @@ class Embedding:
     ``index`` (training index), ``step``, ``epoch``. A query's predicted TSLOO for an
     occurrence is ``E @ q`` with q its projected loss gradient at θ_T (:func:`features`);
     positive = the point helped. ``estimator`` says whether this is the first-order SGD
-    estimate or an SGD proxy; ``left_out`` names the parameters it ignores."""
+    estimate or an SGD proxy; ``left_out`` names the parameters it ignores.
+    ``largest_step`` = max_t w_t λ_max(G_tᵀG_t): above 2 a factor (I − w_t H_t) of the
+    recursion has an eigenvalue below −1, so the embeddings can grow without bound (the
+    empirical Fisher overstates the curvature of a poorly fit model; lower the learning rate
+    or raise the batch size, or read the scores with care)."""
 
     E: torch.Tensor
     occurrences: pd.DataFrame
@@ -565,6 +570,7 @@ class Embedding:
     layers: list[str]
     left_out: list[str]
     run_dir: Path
+    largest_step: float
 
 
 def embed(run_dir: str | Path, *, blocks: str = "full", sgd_proxy: bool = False, dtype: torch.dtype = torch.float64,
@@ -590,8 +596,23 @@ def embed(run_dir: str | Path, *, blocks: str = "full", sgd_proxy: bool = False,
     w = rec.traj.lrs / rec.traj.sizes()
     E, _ = embedding.algorithm1(rec.store.G, rec.traj.offsets(), w, blocks=slices, dtype=dtype, device=device,
                                 max_matrix_gb=max_matrix_gb)
+    largest = largest_step(rec.store.G, rec.traj.offsets(), w)
+    if largest > 2:
+        warnings.warn(f"the recursion of {rec.path} has a step with w_t λ_max(G_tᵀG_t) = {largest:.3g} > 2: its "
+                      "(I − w_t H_t) factor amplifies, so the embeddings may be far off (see Embedding.largest_step)",
+                      stacklevel=2)
     return Embedding(E.to("cpu", torch.float64), rec.traj.occurrences(), rec.info["projection"],
-                     _estimator(opt), [b.name for b in rec.projector.blocks], list(rec.info["left_out"]), rec.path)
+                     _estimator(opt), [b.name for b in rec.projector.blocks], list(rec.info["left_out"]), rec.path,
+                     largest)
+
+
+def largest_step(G, offsets, w) -> float:
+    """max_t w_t ‖G_t‖₂² = max_t w_t λ_max(G_tᵀG_t) over the rows [N_occ, p̃] of each step."""
+    out = 0.0
+    for t in range(len(w)):
+        g = torch.from_numpy(np.array(G[offsets[t] : offsets[t + 1]], dtype=np.float64))
+        out = max(out, float(w[t]) * float(torch.linalg.matrix_norm(g, ord=2)) ** 2)
+    return out
 
 
 def _estimator(opt: dict) -> str:

@@ -124,6 +124,9 @@ def test_rows_embedding_and_scores_equal_the_oracles(tmp_path, projection):
     assert float(E_ref.abs().max()) > 1e-3
     assert (emb.E - E_ref).abs().max() < TOL
     assert emb.occurrences["index"].tolist() == np.concatenate(plan).tolist()
+    steps = [float(torch.linalg.eigvalsh(G[a:b].T @ G[a:b])[-1]) * lr / (b - a)
+             for a, b, lr in zip(offsets[:-1], offsets[1:], lrs, strict=True)]
+    assert emb.largest_step == pytest.approx(max(steps), rel=1e-10) and 0 < emb.largest_step < 2
     layered = dve_repro.embed(run, blocks="layer")
     E_lay = embedding.explicit_embeddings(G, offsets, lrs / sizes, blocks=projector.block_slices())
     assert (layered.E - E_lay).abs().max() < TOL
@@ -147,6 +150,12 @@ def test_rows_embedding_and_scores_equal_the_oracles(tmp_path, projection):
     one = dve_repro.score(emb, q[0])  # a single query point
     np.testing.assert_allclose(one["all_epoch"].to_numpy(), np.bincount(idx, (E_ref @ q_ref[0]).numpy()),
                                rtol=0, atol=TOL)
+
+
+def test_embed_warns_when_a_step_of_the_recursion_amplifies(tmp_path):
+    record_sgd(tmp_path / "run", None, epochs=1, lr=40.0)
+    with pytest.warns(UserWarning, match=r"w_t λ_max\(G_tᵀG_t\) = .* > 2"):
+        assert dve_repro.embed(tmp_path / "run").largest_step > 2
 
 
 def test_cli_refuses_a_recording_with_a_pointer_to_the_api(tmp_path):
