@@ -50,6 +50,10 @@ class TrainedRun:
         path = Path(run_dir)
         if not path.is_dir():
             raise ArtifactError(f"run directory not found: {path}")
+        if (path / "recorder.json").is_file():  # written by dve_repro.api.Recorder: no config to rebuild from
+            raise ArtifactError(f"{path} was recorded from your own model by dve_repro.Recorder, which dve cannot "
+                                "rebuild from a config; embed and score it from Python: dve_repro.embed, "
+                                "dve_repro.features, dve_repro.score")
         if not (path / artifacts.DONE).is_file():
             raise ArtifactError(f"{path} has no DONE marker: training did not finish; rerun `dve train` with the same config")
         artifacts.require_verified(path, "training run", "rerun `dve train` with the same overrides to rebuild it")
