@@ -325,8 +325,9 @@ def ablate(
                                  "runtime.out_root; `make ablate` writes the committed results/<experiment>/ablations)."),
 ) -> None:
     from dve_repro.ablate import run_ablation
+    from dve_repro.sweep import split_overrides
 
-    fixed = [o for o in (overrides or []) if "," not in o.split("=", 1)[-1]]
+    fixed = [o for o in split_overrides(overrides or [])[1] if "," not in o.split("=", 1)[-1]]
     cfg = _setup(fixed)
     # a sweep is always ad hoc: the committed map is written by `make ablate` (its --results)
     out = _results(cfg, ["ablate", *(overrides or [])], results, "ablate")

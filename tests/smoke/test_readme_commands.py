@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from dve_repro.cli import app
 from dve_repro.config import compose
+from dve_repro.sweep import split_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = {"bench", "analyze"}  # groups whose next word is the command
@@ -24,6 +25,8 @@ def _lines() -> list[str]:
     for block in blocks:
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
+            if line.startswith("torchrun "):  # torchrun [its options] -m dve_repro <command> …
+                line = "dve " + line.split(" -m dve_repro ", 1)[1]
             if line.startswith((".venv/bin/dve ", "dve ", "make ")):
                 out.extend(part.strip() for part in line.split("&&"))
     return out
@@ -42,9 +45,15 @@ def test_dve_line(line):
     command = words[:2] if words[0] in SUBCOMMANDS else words[:1]
     res = CliRunner().invoke(app, [*command, "--help"])
     assert res.exit_code == 0, (line, res.output)
-    overrides = [w for w in words if "=" in w and not w.startswith("-") and "," not in w]
+    hydra, ours = split_overrides([w for w in words if "=" in w and not w.startswith("-")])
+    overrides = [w for w in ours if "," not in w]
     if any(w.startswith("experiment=") for w in overrides):
         compose(overrides)
+    for w in hydra:  # a launcher the README names is installed (its config group resolves)
+        if w.startswith("hydra/launcher="):
+            assert w.split("=", 1)[1] in ("basic", "joblib", "submitit_slurm", "submitit_local"), line
+            if w.endswith("joblib"):
+                import hydra_plugins.hydra_joblib_launcher  # noqa: F401
 
 
 @pytest.mark.parametrize("line", [x for x in LINES if x.startswith("make ")])
