@@ -19,12 +19,14 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from dve_repro import ui
+from dve_repro.grads import quiet_forward_ad
 from dve_repro.replay import TrainedRun
 from dve_repro.unroll import query_gradients
 
 Tensors = dict[str, torch.Tensor]
 
 
+@quiet_forward_ad
 def _dot_rows(run: TrainedRun, params: Tensors, V: Tensors, chunk: int = 512) -> np.ndarray:
     """[n_train, Q] of g_z(θ)ᵀ v_q, one jvp of the per-sample loss vector per query."""
     task = run.task
@@ -56,6 +58,7 @@ def tracin(run: TrainedRun, x_q: torch.Tensor, y_q: torch.Tensor, k: int) -> np.
     return total
 
 
+@quiet_forward_ad
 def _hvp_train(run: TrainedRun, params: Tensors, V: Tensors, chunk: int = 1000) -> Tensors:
     """(H v_q) for the Hessian of the mean training loss, all queries at once."""
     task = run.task

@@ -22,6 +22,8 @@ the embedding recursion.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,3 +221,17 @@ def per_sample_grads_naive(
         rows.append({n: gi.unsqueeze(0) for n, gi in zip(names, g, strict=True)})
     grads = {n: torch.cat([r[n] for r in rows]) for n in names}
     return to_blocks(grads, blocks)
+
+
+def quiet_forward_ad(fn):
+    """``fn`` with torch's "`torch.jit.script` is deprecated" warning silenced while it runs:
+    forward-mode AD (``torch.func.jvp``) scripts its decompositions on first use, torch's
+    internals that no user can act on. Scoped to the call, not installed at import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper

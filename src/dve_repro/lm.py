@@ -177,38 +177,3 @@ def corrupt_sequences(train: torch.Tensor, fraction: float, seed: int, vocab: in
     out = train.to(torch.int64).numpy().copy()  # a writable copy (train may be a read-only memory map)
     out[idx] = rng.integers(0, vocab, size=(len(idx), seq))
     return torch.from_numpy(out), idx
-
-
-def build_lm_task(cfg, device: str = "cpu"):
-    """The language-model :class:`~dve_repro.tasks.Task`: packed sequences (targets = inputs,
-    shifted inside the loss), a GPT-NeoX at θ_0, and the linear layers DVEmb captures."""
-    from dve_repro.config import torch_dtype
-    from dve_repro.tasks import Task
-    from dve_repro.text import load_text
-
-    data = load_text(cfg.data, vocab_size=cfg.model.vocab_size, mapped=True)
-    dtype = torch_dtype(cfg.train.dtype if cfg.train.dtype != "bfloat16" else "float32")
-    model = build_gpt_neox(cfg.model, dtype).to(device)
-    layers, left_out = linear_layers(model, cfg.model.capture_layers)
-    # Training tokens stay in the cache's memory map (Task.batch moves each batch to the
-    # device); the small validation set lives on the device.
-    train, val = data.train, data.val.to(device)
-    corrupted = np.zeros(0, dtype=np.int64)
-    if cfg.data.corrupt_fraction > 0:
-        train, corrupted = corrupt_sequences(train, cfg.data.corrupt_fraction, cfg.data.corrupt_seed,
-                                             data.tokenizer_vocab_size)
-    return Task(
-        kind="lm",
-        model=model,
-        x_train=train,
-        y_train=train,
-        x_val=val,
-        y_val=val,
-        n_classes=cfg.model.vocab_size,
-        description=f"{data.source_desc}; {len(train)} train / {len(val)} val sequences of {cfg.data.seq_len} tokens",
-        extra={"capture_layers": [n for n, _ in layers], "left_out": left_out, "text_fingerprint": data.fingerprint,
-               # the held-out documents' token stream (its first n_val rows are the validation
-               # set); online selection draws its own split from the documents after them
-               "heldout_stream": data.cache_path / "val.npy", "eot_id": data.eot_id,
-               "noisy_indices": corrupted},
-    )

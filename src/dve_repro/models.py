@@ -71,14 +71,3 @@ def build_model(cfg: MLPConfig | CNNConfig, dtype: torch.dtype = torch.float64) 
     finally:
         torch.random.set_rng_state(gen_state)
     return model.to(dtype)
-
-
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The model's ``nn.Linear`` modules in forward order, with their qualified names."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def only_linear_params(model: nn.Module) -> bool:
-    """True when every parameter belongs to an ``nn.Linear`` (the hook engine then sees all)."""
-    linear = {id(p) for _, m in linear_layers(model) for p in m.parameters(recurse=False)}
-    return all(id(p) in linear for p in model.parameters())

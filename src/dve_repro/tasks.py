@@ -137,9 +137,41 @@ def build_task(cfg: Config, device: str = "cpu") -> Task:
                 "y_test": data.y_test,
             },
         )
-    from dve_repro.lm import build_lm_task
-
     return build_lm_task(cfg, device)
+
+
+def build_lm_task(cfg: Config, device: str = "cpu") -> Task:
+    """The language-model :class:`Task`: packed sequences (targets = inputs, shifted inside
+    the loss), a GPT-NeoX at θ_0 (``lm.py`` builds it), and the linear layers DVEmb captures."""
+    from dve_repro.lm import build_gpt_neox, corrupt_sequences, linear_layers
+    from dve_repro.text import load_text
+
+    data = load_text(cfg.data, vocab_size=cfg.model.vocab_size, mapped=True)
+    dtype = torch_dtype(cfg.train.dtype if cfg.train.dtype != "bfloat16" else "float32")
+    model = build_gpt_neox(cfg.model, dtype).to(device)
+    layers, left_out = linear_layers(model, cfg.model.capture_layers)
+    # Training tokens stay in the cache's memory map (Task.batch moves each batch to the
+    # device); the small validation set lives on the device.
+    train, val = data.train, data.val.to(device)
+    corrupted = np.zeros(0, dtype=np.int64)
+    if cfg.data.corrupt_fraction > 0:
+        train, corrupted = corrupt_sequences(train, cfg.data.corrupt_fraction, cfg.data.corrupt_seed,
+                                             data.tokenizer_vocab_size)
+    return Task(
+        kind="lm",
+        model=model,
+        x_train=train,
+        y_train=train,
+        x_val=val,
+        y_val=val,
+        n_classes=cfg.model.vocab_size,
+        description=f"{data.source_desc}; {len(train)} train / {len(val)} val sequences of {cfg.data.seq_len} tokens",
+        extra={"capture_layers": [n for n, _ in layers], "left_out": left_out, "text_fingerprint": data.fingerprint,
+               # the held-out documents' token stream (its first n_val rows are the validation
+               # set); online selection draws its own split from the documents after them
+               "heldout_stream": data.cache_path / "val.npy", "eot_id": data.eot_id,
+               "noisy_indices": corrupted},
+    )
 
 
 def initial_params(task: Task) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ so memory holds one segment of parameters. Plain SGD (optionally weight decay) a
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import numpy as np
 import torch
@@ -32,12 +31,9 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from dve_repro import ui
 from dve_repro.errors import DveError
+from dve_repro.grads import quiet_forward_ad
 from dve_repro.replay import TrainedRun, replay
 from dve_repro.tasks import logits_of, mc_step_seed
-
-# torch's forward-mode AD scripts its decompositions on first use and warns that
-# torch.jit.script is deprecated: torch's internals, nothing a user can act on.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 Tensors = dict[str, torch.Tensor]
 CURVATURES = ("hessian", "ef", "gn", "mc", "none")
@@ -149,6 +145,7 @@ def _step(task, theta, x, y, v, w, lr, n, curvature, wd, mc_samples, seed):
     return scores, new_v
 
 
+@quiet_forward_ad
 def _products(task, theta, x, y, v, n, curvature, mc_samples, seed):
     """For query vectors v {param: [Q, ...]} at θ_t: u[q, i] = ∇ℓ(θ_t, z_i)ᵀ v_q [Q, B] and
     C_t v (the batch curvature times v; None for ``none``), C_t of the mean loss over the
