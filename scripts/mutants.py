@@ -243,21 +243,21 @@ CATALOGUE: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- embed stage
     M(
         "embed-weight-denominator",
-        "embed.py",
+        "embed_stage.py",
         "w = run.traj.lrs / run.traj.sizes()",
         "w = run.traj.lrs / (run.traj.sizes() - 1)",
         "step weight η_t/(|B_t| − 1)",
     ),
     M(
         "embed-scores-wrong-checkpoint",
-        "embed.py",
+        "embed_stage.py",
         "final = run.final_params()\n    E = artifacts.open_npy",
         "final = run.load_params(run.checkpoints[-2])[0]\n    E = artifacts.open_npy",
         "queries taken at the last checkpoint before θ_T",
     ),
     M(
         "embed-query-sum",
-        "embed.py",
+        "embed_stage.py",
         "q_mean = Q.mean(0)",
         "q_mean = Q.sum(0)",
         "mean validation loss's gradient summed instead of averaged",

@@ -49,7 +49,7 @@ def _command(stage: str, overrides: list[str]) -> str:
 
 def ensure_embedding(cfg: Config, overrides: list[str], compute: bool = True) -> Path:
     """The finished embedding directory named by ``cfg`` (training and embedding made when missing)."""
-    from dve_repro.embed import embed_dir
+    from dve_repro.embed_stage import embed_dir
     from dve_repro.train import train_dir
 
     path = embed_dir(cfg)
@@ -59,7 +59,7 @@ def ensure_embedding(cfg: Config, overrides: list[str], compute: bool = True) ->
         if not (train_dir(cfg) / artifacts.DONE).is_file():
             raise ArtifactError(f"no finished training run at {train_dir(cfg)}; run `{_command('train', overrides)}` first")
         raise ArtifactError(f"no finished embedding at {path}; run `{_command('embed', overrides)}` first")
-    from dve_repro.embed import run_embedding
+    from dve_repro.embed_stage import run_embedding
     from dve_repro.replay import TrainedRun
     from dve_repro.train import run_training
 

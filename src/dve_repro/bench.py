@@ -256,7 +256,7 @@ def _embed_round(sess: _Session, cfg, spec_ov: list[str], train_threads: list[in
                  add: Callable[[str, float], None], info: dict) -> None:
     """One round of every alternative for one (T, p̃) configuration, one after the other."""
     from dve_repro import embedding
-    from dve_repro.embed import make_featurizer, query_features
+    from dve_repro.embed_stage import make_featurizer, query_features
     from dve_repro.replay import TrainedRun
     from dve_repro.trajectory import Trajectory
 
@@ -757,7 +757,7 @@ def lm_row(overrides: list[str], steps: int, alg1_steps: int = 64, queries: int 
     from dve_repro import embedding
     from dve_repro.capture import Featurizer
     from dve_repro.config import compose
-    from dve_repro.embed import query_features
+    from dve_repro.embed_stage import query_features
     from dve_repro.optim import init_state
     from dve_repro.projection import Projector
     from dve_repro.tasks import build_task, initial_params, resolve_device

@@ -66,7 +66,7 @@ def bench_gpu(
 ) -> pd.DataFrame:
     """Train ``steps`` steps with capture, embed, recompute at θ_T, score, phases; one row."""
     from dve_repro.analyze import run_phases
-    from dve_repro.embed import (
+    from dve_repro.embed_stage import (
         make_featurizer,
         query_features,
         resolve,

@@ -203,7 +203,7 @@ def embed(
     args: list[str] = typer.Argument(None, help="[RUN_DIR] followed by overrides.", show_default=False),
     force: bool = typer.Option(False, "--force", help="Recompute a finished embedding."),
 ) -> None:
-    from dve_repro.embed import resolve, run_embedding
+    from dve_repro.embed_stage import resolve, run_embedding
 
     run_dir, overrides = _split_run_dir(args or [])
     _setup(overrides, "embed")
@@ -223,7 +223,7 @@ def score(
     queries: Path = typer.Option(None, help="An .npz file with arrays x (features) and y (labels)."),
     top: int = typer.Option(5, "--top", help="How many of the highest and lowest scored points to print."),
 ) -> None:
-    from dve_repro.embed import embed_dir_for, score_queries, score_summary
+    from dve_repro.embed_stage import embed_dir_for, score_queries, score_summary
 
     embed_path, overrides = _split_run_dir(args or [])
     if embed_path is None:

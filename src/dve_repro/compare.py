@@ -135,7 +135,7 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = 
     folders[dvemb_name(run)] = embed_path
     paper = paper_config(cfg)
     if cfg.baselines.paper_dvemb and paper is not None:
-        from dve_repro.embed import run_embedding
+        from dve_repro.embed_stage import run_embedding
 
         folders[f"{dvemb_name(run)}-paper"] = path = run_embedding(paper, run)
         occ_scores[f"{dvemb_name(run)}-paper"] = _embedding_scores(path, k)
@@ -189,7 +189,7 @@ def _adamw_embedding_scores(cfg: Config, run: TrainedRun, kind: str, k: int) -> 
     embed stage with ``embed.optimizer_aware=true``, reused when finished)."""
     import dataclasses
 
-    from dve_repro.embed import run_embedding
+    from dve_repro.embed_stage import run_embedding
 
     b = cfg.baselines
     embed = dataclasses.replace(cfg.embed, optimizer_aware=True, adamw_subspace=kind,
@@ -321,7 +321,7 @@ def run_compare(cfg: Config, results_dir: Path, force: bool = False, shard: str 
     (None when only a shard of the ground truth was computed). ``per_point`` runs the
     per-point baselines; None = yes for classifiers, no for language models. ``command``
     (the command line that asked for it) goes to ``COMMAND.txt``."""
-    from dve_repro.embed import run_embedding
+    from dve_repro.embed_stage import run_embedding
     from dve_repro.train import run_training
     from dve_repro.tsloo import run_tsloo
 

@@ -295,7 +295,7 @@ def collect_stored(root: Path) -> Path:
     (keep convention), p̃, storage of E and the gradients, and its times (basis fit, capture,
     Algorithm 1, scoring), read from the folders its ``COMMAND.txt`` names."""
     from dve_repro.config import compose
-    from dve_repro.embed import embed_dir
+    from dve_repro.embed_stage import embed_dir
     from dve_repro.projection_fit import basis_dir
     from dve_repro.tables import markdown_table
     from dve_repro.tasks import build_task

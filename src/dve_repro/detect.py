@@ -206,7 +206,7 @@ def _adamw_values(cfg: Config, run: TrainedRun, timings: dict) -> dict[str, np.n
     each of ``baselines.adamw_subspaces``), made by the embed stage and reused when finished."""
     import dataclasses
 
-    from dve_repro.embed import run_embedding
+    from dve_repro.embed_stage import run_embedding
 
     b, out = cfg.baselines, {}
     for kind in b.adamw_subspaces:
@@ -400,7 +400,7 @@ def run_detect(
     figures: bool = True,
 ) -> Path:
     """Train → embed → every method's values → tables and figures. Returns the results folder."""
-    from dve_repro.embed import run_embedding
+    from dve_repro.embed_stage import run_embedding
     from dve_repro.train import run_training
 
     ui.set_enabled(cfg.runtime.progress)

@@ -371,11 +371,11 @@ def check_fits(cfg, run: TrainedRun) -> None:
 
 def embed_stage(cfg, run: TrainedRun, rd, bounds: list[int] | None) -> None:
     """The embed stage with ``embed.optimizer_aware=true``: E (Algorithm 1 or 2 through the
-    linearised AdamW map), then the same outputs as the SGD recursion (embed.py)."""
+    linearised AdamW map), then the same outputs as the SGD recursion (embed_stage.py)."""
     import time
 
     from dve_repro import artifacts
-    from dve_repro.embed import finish_embedding
+    from dve_repro.embed_stage import finish_embedding
 
     feat = SubspaceFeaturizer.for_config(cfg, run)
     timings: dict[str, float] = {}

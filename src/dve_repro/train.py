@@ -224,7 +224,7 @@ def capture_budget_for(cfg: Config, task: Task, n_rows: int) -> dict[str, int]:
     """What capture and the embedding of this config need, in bytes (see
     :func:`dve_repro.capture.capture_budget`), plus ``p_tilde`` and ``m_blocks``."""
     from dve_repro.capture import capture_budget, curvature_rows_per_point
-    from dve_repro.embed import compute_dtype
+    from dve_repro.embed_stage import compute_dtype
     from dve_repro.projection import Projector
 
     blocks = capture_blocks(task)

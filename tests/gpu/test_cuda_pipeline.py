@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from dve_repro.cli import app
-from dve_repro.embed import resolve
+from dve_repro.embed_stage import resolve
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun, replay
 

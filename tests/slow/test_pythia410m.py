@@ -53,7 +53,7 @@ def test_pythia410m_two_steps_with_capture_then_embed(tmp_path):
     """The real 410M through `dve train` (capture on, per-layer Kronecker 32 × 32) for two
     steps and `dve embed` on the captured rows: 96 layers, p̃ = 98,304, one 1,024 × 1,024 M
     per layer. Checkpoints θ_0 and θ_2 with AdamW state: ~10 GB of disk, ~12 GB of memory."""
-    from dve_repro.embed import resolve, run_embedding
+    from dve_repro.embed_stage import resolve, run_embedding
     from dve_repro.train import run_training
 
     free = shutil.disk_usage(tmp_path).free

@@ -16,7 +16,7 @@ from oracle_runs import classifier_task, overrides, train
 
 from dve_repro.config import compose
 from dve_repro.decompose import Setting, matrix_free_scores, parse_sizes, projectors_for
-from dve_repro.embed import run_embedding
+from dve_repro.embed_stage import run_embedding
 from dve_repro.errors import DveError
 from dve_repro.train import capture_blocks
 from dve_repro.unroll import query_gradients, unrolled_scores

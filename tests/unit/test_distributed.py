@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from dve_repro import distributed, embedding
 from dve_repro.cli import app
 from dve_repro.config import compose
-from dve_repro.embed import embed_dir, resolve, run_embedding
+from dve_repro.embed_stage import embed_dir, resolve, run_embedding
 from dve_repro.replay import TrainedRun, replay
 from dve_repro.train import run_training, train_dir
 from dve_repro.trajectory import load_checkpoint

@@ -41,7 +41,7 @@ class _Rows:
     def __init__(self):
         self.rows: dict[int, torch.Tensor] = {}
 
-    def write(self, t, rows, curv=None):
+    def write(self, t, rows, curv=None, start=0, whole=True):
         self.rows[t] = rows.detach().clone()
 
 

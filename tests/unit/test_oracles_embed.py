@@ -21,7 +21,7 @@ import torch
 from oracle_runs import Flat, classifier_task, overrides, sgd_iterates, train
 
 from dve_repro.config import compose
-from dve_repro.embed import run_embedding
+from dve_repro.embed_stage import run_embedding
 from dve_repro.projection import Projector
 from dve_repro.train import capture_blocks
 from dve_repro.tsloo import batched_delta, chunks_of, make_jobs, select_points

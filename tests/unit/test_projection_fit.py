@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from dve_repro import artifacts
 from dve_repro.cli import app
 from dve_repro.config import compose, section, stage_payload
-from dve_repro.embed import run_embedding
+from dve_repro.embed_stage import run_embedding
 from dve_repro.errors import ConfigError, DveError
 from dve_repro.projection import FittedBasis, Projector
 from dve_repro.projection_fit import BASIS, basis_dir, top_directions

@@ -243,7 +243,7 @@ def test_experiment_composes_with_windows_from_the_phases():
 def test_selected_run_embeds_and_scores_like_any_other(tiny, one_thread):
     """dve embed replays a selected run (capture by replay) and gives its chosen points
     embeddings at exactly the steps that trained on them."""
-    from dve_repro.embed import resolve, run_embedding
+    from dve_repro.embed_stage import resolve, run_embedding
 
     overrides = tiny(*SEL[:-3], "select.schedule=early_late", "projection.k_in=16", "projection.k_out=4")
     path = run_training(compose(overrides))

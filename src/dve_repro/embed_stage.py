@@ -1,4 +1,5 @@
-"""Embedding stage: capture-if-needed → Algorithm 1 / 2 → scoring.
+"""Embedding stage (`dve embed`): capture-if-needed → Algorithm 1 / 2 (the maths in
+``embedding.py``) → scoring.
 
 Reads a finished training run (config, trajectory, checkpoints, and ``grads/`` when it was
 trained with ``trajectory.capture=true``). Writes ``<out_root>/<name>/embed-<fingerprint>/``:
