@@ -381,12 +381,15 @@ def run_sweep(overrides: list[str], *, shards: int = 1, results: Path | None = N
     root = Path(cfgs[0].runtime.out_root) / cfgs[0].name / "sweeps"
     if shards > 1:
         for job, cfg in zip(jobs, cfgs, strict=True):
+            gt = tsloo.tsloo_dir(cfg)
+            if (gt / artifacts.DONE).is_file():  # finished before (sharded or not): verified when used
+                ui.log(f"ground truth of [{' '.join(job)}] already finished: {gt}")
+                continue
             ui.log(f"ground truth of [{' '.join(job)}] in {shards} shards")
             sweep.launch([*hydra_ov, *job], tsloo.shard_job, root, items=[f"{i}/{shards}" for i in range(shards)])
             run = runs[run_training(cfg)]
-            missing = tsloo.unfinished_shards(cfg, run, shards)
-            gt = tsloo.tsloo_dir(cfg)
-            if missing or not (gt / artifacts.DONE).is_file():
+            if not (gt / artifacts.DONE).is_file():
+                missing = tsloo.unfinished_shards(cfg, run, shards)
                 raise DveError(f"ground-truth shard(s) {', '.join(f'{i}/{shards}' for i in missing) or '(merge)'} "
                                f"of {gt} did not finish; rerun the same command to finish them")
     fixed = [o for o in job_ov if "," not in o.split("=", 1)[-1]]

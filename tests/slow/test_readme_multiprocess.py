@@ -42,5 +42,7 @@ def test_readme_multiprocess_commands_run_as_written(tmp_path):
         res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, (" ".join(cmd[2:]), res.stderr[-2000:])
     assert (tmp_path / "results" / "tiny_mlp" / "summary.csv").is_file()  # the sharded comparison
+    (gt,) = (tmp_path / "results" / "runs" / "tiny_mlp").glob("tsloo-*")
+    assert sorted(p.name for p in gt.glob("part-*")) == ["part-0-of-2", "part-1-of-2"]
     # nothing but dve's own folders in the working directory (no Hydra outputs, no logs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
