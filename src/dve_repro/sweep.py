@@ -104,7 +104,7 @@ def launch(overrides: Sequence[str], job: Callable[..., Any], sweep_root: Path,
         except DveError:
             raise
         except Exception as exc:  # Hydra's errors for a bad override or an unknown launcher
-            raise ConfigError(f"cannot launch the sweep: {_explain(exc, config_dir())}") from None
+            raise ConfigError(f"cannot launch the sweep: {_hydra_group_error(exc) or _explain(exc, config_dir())}") from None
     finally:
         GlobalHydra.instance().clear()
     results, failed = [], []
@@ -124,3 +124,20 @@ def launch(overrides: Sequence[str], job: Callable[..., Any], sweep_root: Path,
 def _first_line(exc: Any) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0].strip()[:300]
+
+
+def _hydra_group_error(exc: Exception) -> str:
+    """"unknown hydra/launcher 'x' (installed: basic, joblib)" for an option of one of Hydra's
+    own groups that is not installed; "" for any other error."""
+    import re
+
+    text = str(exc)
+    missing = re.search(r"Could not find '(hydra/[\w/]+)/([^'/]+)'", text)
+    if not missing:
+        return ""
+    group, option = missing.groups()
+    block = text.split(f"Available options in '{group}':", 1)
+    options = re.findall(r"^\t(\S+)$", block[1].split("Config search path", 1)[0], flags=re.M) if len(block) > 1 else []
+    hint = f" (installed: {', '.join(options)})" if options else ""
+    extra = "; hydra-submitit-launcher adds submitit_local and submitit_slurm" if group == "hydra/launcher" else ""
+    return f"unknown {group} {option!r}{hint}{extra}"

@@ -48,7 +48,7 @@ def test_listed_jobs_go_to_joblib_worker_processes(tmp_path):
 def test_failed_jobs_are_one_error_naming_each(tmp_path):
     with pytest.raises(DveError, match=r"1 of 2 sweep jobs failed: \[optim.lr=0.3\]: refused on purpose"):
         sweep.launch(["optim.lr=0.1,0.3"], _echo, tmp_path)
-    with pytest.raises(DveError, match="cannot launch the sweep"):
+    with pytest.raises(DveError, match=r"cannot launch the sweep: unknown hydra/launcher .no_such_launcher. \(installed: basic, joblib"):
         sweep.launch(["hydra/launcher=no_such_launcher"], _echo, tmp_path)
 
 
