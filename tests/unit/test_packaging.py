@@ -50,3 +50,22 @@ def test_an_installed_wheel_composes_every_experiment_from_its_own_configs(wheel
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip()) == len(list((ROOT / "src" / "dve_repro" / "configs" / "experiment").glob("*.yaml")))
+
+
+def test_an_installed_wheel_trains_and_embeds(wheel, tmp_path):
+    """`dve train` and `dve embed` from the installed wheel (not the source tree), in an
+    empty working directory: the data, configs and code all come from the install."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import dve_repro.cli as c; "
+            "assert c.__file__.startswith(sys.argv[1]), c.__file__; sys.argv = ['dve', *sys.argv[2:]]; c.main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DVE_CONFIG_DIR")}
+    work = tmp_path / "work"
+    work.mkdir()
+    for command in ("train", "embed"):
+        done = subprocess.run([sys.executable, "-c", code, str(target), command, "experiment=tiny_mlp",
+                               "runtime.progress=false", "runtime.out_root=runs"],
+                              capture_output=True, text=True, env=env, cwd=work, timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+    assert len(list((work / "runs" / "tiny_mlp").glob("embed-*/DONE"))) == 1
