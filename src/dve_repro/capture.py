@@ -69,6 +69,16 @@ class Featurizer:
         return torch.stack(rows, dim=1).reshape(-1, rows[0].shape[-1])
 
 
+def store_meta(feat: Featurizer, embed) -> dict:
+    """What a gradient store's rows depend on (its ``meta.json``): the projection, the
+    curvature with its Monte-Carlo draws, the layers. Training's capture and the embedding's
+    replay write the same dict, so an embedding reuses captured rows exactly when they match.
+    ``embed``: the config's ``embed`` section."""
+    return {"projection": feat.projector.describe(), "curvature": embed.curvature,
+            "mc_samples": embed.mc_samples, "mc_seed": embed.mc_seed,
+            "engine_layers": [b.name for b in feat.blocks]}
+
+
 def curvature_targets(task: Task, params: dict, x: torch.Tensor, y: torch.Tensor, kind: str, k: int,
                       seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The R (labels, row weights) pairs whose weighted per-sample gradients are the curvature

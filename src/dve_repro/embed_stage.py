@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from dve_repro import artifacts, distributed, embedding, ui
-from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point
+from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point, store_meta
 from dve_repro.config import Config, compose, fingerprint, from_dict, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, ConfigError, DveError
 from dve_repro.optim import is_plain_sgd
@@ -96,17 +96,11 @@ def make_featurizer(cfg: Config, run: TrainedRun) -> Featurizer:
     return Featurizer(run.task, blocks, make_projector(cfg, run, blocks), cfg.embed.engine)
 
 
-def _store_meta(cfg: Config, feat: Featurizer) -> dict:
-    return {"projection": feat.projector.describe(), "curvature": cfg.embed.curvature,
-            "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
-            "engine_layers": [b.name for b in feat.blocks]}
-
-
 def gradients(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> GradientStore:
     """Captured gradients of the training run when they match, else recompute by replay."""
     offsets = run.traj.offsets()
     rpp = curvature_rows_per_point(cfg.embed.curvature, run.task.n_classes, cfg.embed.mc_samples)
-    meta = _store_meta(cfg, feat)
+    meta = store_meta(feat, cfg.embed)
     captured = run.path / "grads"
     if captured.is_dir():
         try:
@@ -158,7 +152,7 @@ def _replay_gradients(cfg: Config, run: TrainedRun, feat: Featurizer, store: Gra
 
 def grads_dir(cfg: Config, feat: Featurizer) -> Path:
     """Recomputed gradients are shared by every embedding of the same run, projection and curvature."""
-    key = {"train": stage_payload(cfg, "train"), "meta": _store_meta(cfg, feat), "dtype": cfg.embed.storage_dtype}
+    key = {"train": stage_payload(cfg, "train"), "meta": store_meta(feat, cfg.embed), "dtype": cfg.embed.storage_dtype}
     return artifacts.stage_dir(cfg.runtime.out_root, cfg.name, "grads", fingerprint(key))
 
 

@@ -492,7 +492,7 @@ class _TrainCapture:
 
 
 def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture:
-    from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point
+    from dve_repro.capture import Featurizer, GradientStore, curvature_rows_per_point, store_meta
     from dve_repro.projection import Projector
 
     blocks = capture_blocks(task)
@@ -500,11 +500,8 @@ def _make_capture(cfg: Config, task: Task, run_dir: Path, plan) -> _TrainCapture
     feat = Featurizer(task, blocks, projector, cfg.embed.engine)
     offsets = np.concatenate([[0], np.cumsum([len(s.indices) for s in plan])])
     rpp = curvature_rows_per_point(cfg.embed.curvature, task.n_classes, cfg.embed.mc_samples)
-    store = GradientStore(run_dir / "grads", offsets, projector.out_dim,
-                          {"projection": projector.describe(), "curvature": cfg.embed.curvature,
-                           "mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed,
-                           "engine_layers": [b.name for b in blocks]},
-                          rpp, cfg.embed.storage_dtype)
+    store = GradientStore(run_dir / "grads", offsets, projector.out_dim, store_meta(feat, cfg.embed), rpp,
+                          cfg.embed.storage_dtype)
     row_dtype = torch.float32 if cfg.embed.storage_dtype == "float32" else None
     return _TrainCapture(feat, store, cfg.embed.curvature, cfg.embed.mc_samples, cfg.embed.mc_seed, row_dtype)
 
