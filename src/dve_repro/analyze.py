@@ -68,8 +68,9 @@ def ensure_embedding(cfg: Config, overrides: list[str], compute: bool = True) ->
 
 
 def _train_run_of(embed_path: Path) -> Path:
-    meta = artifacts.read_json(embed_path / "embedding.json")
-    return Path(meta["train_run"])
+    from dve_repro.embed_stage import train_run_of
+
+    return train_run_of(embed_path, artifacts.read_json(embed_path / "embedding.json"))
 
 
 def _results_dir(results: Path) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -391,7 +392,8 @@ def finish_embedding(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, feat, d
         artifacts.save_npy(rd.file("dynamics.npy"), np.asarray(dynamics, dtype=np.float64))
         artifacts.write_json(rd.file("boundaries.json"), {"boundaries": bounds})
     meta = {
-        "train_run": str(run.path),
+        # relative to this folder (usually ../train-<fp>): the pair can be moved or copied together
+        "train_run": os.path.relpath(Path(run.path).absolute(), Path(rd.final).absolute()),
         "train_fingerprint": fingerprint(stage_payload(cfg, "train")),
         "algorithm": cfg.embed.algorithm,
         "blocks": cfg.embed.blocks,
@@ -416,6 +418,13 @@ def load_embedding(path: Path) -> tuple[dict, Config]:
     return meta, cfg
 
 
+def train_run_of(embed_path: Path, meta: dict) -> Path:
+    """The training run an embedding was computed from: ``embedding.json``'s ``train_run``,
+    relative to the embedding's folder (absolute in folders written before that)."""
+    path = Path(meta["train_run"])
+    return path if path.is_absolute() else Path(os.path.normpath(Path(embed_path).absolute() / path))
+
+
 def score_queries(embed_path: Path, overrides: list[str], split: str, queries_file: Path | None) -> Path:
     """Score a query set against saved embeddings (no recomputation). Writes
     ``query-<name>/scores.parquet`` (index, step, epoch, score for the query set's mean loss)."""
@@ -428,7 +437,7 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
         asked = dataclasses.asdict(requested)
         saved.pop("chunk_size"), asked.pop("chunk_size")
         check_compatible(saved, asked, f"embedding {embed_path}")
-    run = TrainedRun.load(meta["train_run"], cfg.runtime.device)
+    run = TrainedRun.load(train_run_of(embed_path, meta), cfg.runtime.device)
     feat = make_featurizer(cfg, run)
     device = run.device
     check_compatible(meta["projection"], feat.projector.describe(), f"embedding {embed_path}")

@@ -112,6 +112,17 @@ def test_score_queries(run_dir, emb1):
     assert out.parent.name == "query-q" and len(pd.read_parquet(out)) == T * 32
 
 
+def test_an_embedding_moved_with_its_training_run_still_scores(run_dir, emb1, tmp_path):
+    meta = json.loads((emb1 / "embedding.json").read_text())
+    assert meta["train_run"] == f"../{run_dir.name}"  # relative: the pair moves together
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(run_dir.parent, moved)
+    out = ok(invoke("score", str(moved / emb1.name), "--split", "val"))
+    assert out.is_relative_to(moved)
+    np.testing.assert_allclose(pd.read_parquet(out)["score"], pd.read_parquet(emb1 / "scores.parquet")["score"],
+                               rtol=1e-10, atol=1e-14)
+
+
 def test_score_refuses_another_projection(emb1):
     user_error(invoke("score", str(emb1), "projection.k_in=7"), "another projection", "k_in")
 
