@@ -317,8 +317,7 @@ def fitted_flipped(run: TrainedRun, steps: list[int], flipped: np.ndarray) -> li
 
 
 # digits of the auroc.md columns (the rest: 3); a missing value is an empty cell
-MD_FORMATS = {"auroc": "{:.3f}", "ap": "{:.3f}", "found_at_10pct": "{:.2f}", "flipped_fitted": "{:.2f}",
-              "seconds": "{:.1f}"}
+MD_FORMATS = {"auroc": "{:.3f}", "ap": "{:.3f}", "found_at_10pct": "{:.2f}", "flipped_fitted": "{:.2f}"}
 
 
 def plot_detection(
@@ -459,7 +458,8 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
     summary.insert(0, "dataset", label)
     summary["value"] = [info[m].value for m in summary["method"]]
     summary["direction"] = [info[m].direction for m in summary["method"]]
-    summary["seconds"] = [float(timings.get(m, float("nan"))) for m in summary["method"]]
+    # no seconds here: they are this machine's, not a result (``timings.json`` in the ignored
+    # run folder keeps them), and a committed table must not change when the code does not
     summary["note"] = [notes.get(m, "") for m in summary["method"]]
     summary["n_train"], summary["n_flipped"], summary["n_val"] = (
         n,
@@ -528,7 +528,6 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
                 found_at_10pct=summary["found_at_10pct"],
                 value=summary["value"],
                 direction=summary["direction"],
-                seconds=summary["seconds"],
                 note=summary["note"],
             ),
             formats=MD_FORMATS, nan="",

@@ -27,7 +27,6 @@ AUROC_COLUMNS = [
     "found_at_10pct",
     "value",
     "direction",
-    "seconds",
     "note",
     "n_train",
     "n_flipped",
