@@ -5,7 +5,8 @@ Per run (schedule s, seed k): L_s,k = validation loss at the last step. Gain
 G_s,k = L_never,k − L_s,k (paired by seed: the same initialisation, data order and pools).
 Gain fraction F_s = mean_k G_s,k ÷ mean_k G_always,k; its spread is the standard deviation over
 seeds of G_s,k ÷ mean_k G_always,k. Cost fraction C_s = candidate gradients of s ÷ those of
-``always`` (exact counts; the measured seconds are reported beside them).
+``always`` (exact counts). The measured seconds are this machine's, not results: they go to
+an ignored ``select_timings.csv`` under ``runtime.out_root``, never into the committed tables.
 
 The paper's two claims, decided by :data:`RULES` (written into ``selection.md``):
 * early+late ≈ always at > 5× less cost: F_early_late ≥ 0.8 and C_early_late ≤ 0.2;
@@ -25,6 +26,7 @@ from dve_repro import artifacts
 from dve_repro.config import Config
 from dve_repro.tables import markdown_table
 
+TIMING_COLUMNS = ("select_seconds", "train_seconds")  # per run, written to select_timings.csv
 RULES = {"early_late_min_gain": 0.8, "early_late_max_cost": 0.2, "early_gain_range": (0.3, 0.7),
          "always_gain_min_se": 2.0}
 
@@ -37,7 +39,6 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     gain = (-loss).add(loss["never"], axis=0)  # G_s,k = L_never,k − L_s,k
     g_always = float(gain["always"].mean())
     cand = runs.groupby("schedule")["candidate_grads"].mean()
-    secs = runs.groupby("schedule")["select_seconds"].mean()
     rows = []
     for s in dict.fromkeys(runs["schedule"]):
         g = gain[s]
@@ -51,8 +52,6 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             "gain_fraction": float(g.mean() / g_always) + 0.0 if g_always else float("nan"),  # + 0.0: no "-0"
             "gain_fraction_sd": float((g / g_always).std(ddof=1)) if g_always and len(g) > 1 else float("nan"),
             "cost_fraction": float(cand[s] / cand["always"]) if cand["always"] else float("nan"),
-            "select_seconds": float(secs[s]),
-            "seconds_fraction": float(secs[s] / secs["always"]) if secs["always"] else float("nan"),
         })
         if "distinct_points" in runs:
             rows[-1]["distinct_points"] = float(runs.loc[runs.schedule == s, "distinct_points"].mean())
@@ -104,6 +103,11 @@ def verdicts(table: pd.DataFrame, n_seeds: int) -> dict[str, str]:
 def write_report(runs: list[dict], cfg: Config, out: Path, command: str | None = None) -> None:
     """selection.csv (one row per run), curves.csv, selection.md, curves.png, gain_vs_cost.png."""
     frame = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curve", "run")} for r in runs])
+    timing = [c for c in TIMING_COLUMNS if c in frame]
+    if timing:  # beside the run folders (ignored), so that a rerun leaves the committed tables as they are
+        artifacts.save_table(Path(cfg.runtime.out_root) / cfg.name / "select_timings.csv",
+                             frame[["schedule", "seed", *timing]])
+        frame = frame.drop(columns=timing)
     curves = pd.concat([r["curve"].assign(schedule=r["schedule"], seed=r["seed"]) for r in runs], ignore_index=True)
     curves = curves[["schedule", "seed", "step", "val_loss"]]
     table = summary_table(frame)
@@ -129,7 +133,7 @@ def write_report(runs: list[dict], cfg: Config, out: Path, command: str | None =
         + (" — the warm-up and late regions of `dve analyze phases`." if sel.windows == "phases" else "."), "",
         "Gain = final validation loss of `never` − that of the schedule (paired by seed); gain fraction = mean "
         "gain ÷ mean gain of `always` (± its sd over seeds); cost fraction = candidate gradients ÷ those of "
-        "`always`; seconds = time spent selecting (pool gradients, scores), mean over seeds; distinct_points = "
+        "`always`; distinct_points = "
         "training points trained on at least once (a selecting step may pick a point another step already "
         "used)" + ("; chosen_corrupted = share of the chosen candidates that are planted random-token sequences "
                    "(the pools hold data.corrupt_fraction of them)" if "chosen_corrupted" in frame else "") + ".", "",

@@ -275,7 +275,7 @@ def test_corrupt_sequences_replaces_exactly_the_recorded_rows():
 
 def _runs(losses: dict[str, list[float]], cand: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame([{"schedule": s, "seed": k, "final_val_loss": v, "selecting_steps": cand[s] // 32,
-                          "candidate_grads": cand[s], "select_seconds": cand[s] / 100.0}
+                          "candidate_grads": cand[s]}
                          for s, vals in losses.items() for k, v in enumerate(vals)])
 
 
