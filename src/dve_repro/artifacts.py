@@ -451,10 +451,13 @@ class FolderLock:
     ``$DVE_LOCK_WAIT`` seconds when that is set. The kernel releases the lock when the
     holder dies (Ctrl-C, SIGKILL, power loss), so no stale lock survives its process."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, min_wait: float = 0.0):
         folder = Path(folder)
         self.folder = folder
         self.path = folder.parent / f".{folder.name}.lock"
+        # seconds to wait at least, whatever $DVE_LOCK_WAIT says (a lock held for a moment
+        # only, like the merge of ground-truth shards, is waited for rather than refused)
+        self.min_wait = min_wait
 
     def acquire(self) -> None:
         key = str(self.path.absolute())
@@ -470,7 +473,7 @@ class FolderLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ArtifactError(f"cannot create the run folder {self.path.parent}: {exc.strerror}") from None
-        wait = float(os.environ.get("DVE_LOCK_WAIT", "0") or 0)
+        wait = max(float(os.environ.get("DVE_LOCK_WAIT", "0") or 0), self.min_wait)
         deadline = time.monotonic() + wait
         said = False
         while True:

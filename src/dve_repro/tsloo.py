@@ -377,7 +377,8 @@ def _run_jobs(cfg: Config, run: TrainedRun, rd: artifacts.RunDir, jobs: list[Job
             artifacts.save_npy(done_path, done)
             bar.update(run.T - jobs[c[0]].start)
     seconds = time.perf_counter() - t0
-    with artifacts.FolderLock(rd.final) if sn > 1 else contextlib.nullcontext():
+    # shards finishing together merge one after the other (the merge takes a moment)
+    with artifacts.FolderLock(rd.final, min_wait=600) if sn > 1 else contextlib.nullcontext():
         # DONE of the folder being written: a rebuilt one is staged beside the damaged final one
         merged = merge_shards(rd.path, len(jobs), n_val) and not (rd.path / artifacts.DONE).is_file()
         if merged:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -89,7 +91,14 @@ def test_unfinished_and_disagreeing_shards_are_detected(tiny, one_thread):
     assert tsloo.unfinished_shards(cfg, run, 2) == [1]
     gt = tsloo.tsloo_dir(cfg)
     assert not (gt / artifacts.DONE).is_file()
+    # the last shard merges even while another process holds the folder's lock for a moment
+    # (two shards finishing together): it waits instead of refusing
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dve_repro.artifacts import FolderLock; "
+                               "l = FolderLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(3)",
+                               str(gt)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
     tsloo.run_tsloo(cfg, run, shard="1/2")
+    holder.wait()
     assert tsloo.unfinished_shards(cfg, run, 2) == [] and (gt / artifacts.DONE).is_file()
     # a stray part of another shard count holding a different value for a job is refused
     stray = gt / "part-0-of-1"
