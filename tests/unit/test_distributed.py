@@ -146,6 +146,7 @@ def test_two_ranks_capture_and_embed_the_tiny_mlp_as_one_process(tiny, tmp_path,
 def test_two_ranks_capture_and_embed_the_tiny_lm_as_one_process(tmp_path, one_thread):
     base = ["experiment=pythia_tiny", "runtime.progress=false", "train.dtype=float64", "data.n_train=64",
             "data.n_val=4", "data.seq_len=16", "train.batch_size=8", "trajectory.checkpoint_every=4",
-            "trajectory.dense_until=0", "schedule.warmup_steps=2"]
+            "trajectory.dense_until=0", "schedule.warmup_steps=2",
+            "embed.storage_dtype=float64"]  # float32 rows would round the ranks' last-bit differences apart
     _check_against_one_process(base, tmp_path, [[], ["embed.algorithm=2", "embed.segments=2"]],
                                theta_tol=1e-12, row_tol=1e-12)
