@@ -185,7 +185,6 @@ def run_phases(cfg: Config, overrides: list[str], results: Path, compute: bool =
     """E3 (paper Fig. 1a) for the embedding named by ``cfg``; returns the results folder."""
     from dve_repro.tables import markdown_table
 
-    ui.set_enabled(cfg.runtime.progress)
     embed_path = ensure_embedding(cfg, overrides, compute)
     traj = Trajectory.load(_train_run_of(embed_path))
     scores = artifacts.load_table(embed_path / "scores.parquet")
@@ -273,7 +272,6 @@ def run_dynamics(cfg: Config, overrides: list[str], results: Path, compute: bool
         ui.log("dynamics need Algorithm 2: using embed.algorithm=2")
         cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, algorithm=2))
         overrides = [*overrides, "embed.algorithm=2"]
-    ui.set_enabled(cfg.runtime.progress)
     embed_path = ensure_embedding(cfg, overrides, compute)
     if not (embed_path / "dynamics.npy").is_file():
         raise DveError(f"{embed_path} has no dynamics.npy; rerun `{_command('embed', overrides)} --force`")

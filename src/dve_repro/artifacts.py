@@ -201,6 +201,17 @@ def git_sha() -> str:
         return "unknown"
 
 
+#: The ``dve`` command line of this process, recorded once by the CLI before a command runs
+#: (:func:`record_invocation`); library code never reads ``sys.argv`` itself.
+_invocation: str | None = None
+
+
+def record_invocation(command: str) -> None:
+    """What a run folder's ``environment.json`` and a lock's holder line call this process."""
+    global _invocation
+    _invocation = command
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     """What a reader needs to know to rerun: code version, library versions, hardware."""
     import numpy
@@ -215,7 +226,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "argv": sys.argv,
+        "command": _invocation,  # None: called as a library, not from the dve command line
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(0)
@@ -440,7 +451,7 @@ _HELD: dict[str, list] = {}  # lock path -> [fd, depth]: re-entrant within one p
 
 
 def _holder_text() -> str:
-    cmd = " ".join(["dve", *sys.argv[1:]]) if sys.argv else "dve"
+    cmd = _invocation or "a dve library call (not the dve command)"
     return f"pid {os.getpid()} on {socket.gethostname()} ({cmd[:160]}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
 
 

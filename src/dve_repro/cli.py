@@ -94,6 +94,9 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from dve_repro import artifacts
+
+        artifacts.record_invocation(command_line(fn.__name__.replace("_", "-"), None))
         try:
             return fn(*args, **kwargs)
         except DveError as exc:
@@ -154,7 +157,7 @@ def _setup(overrides: list[str], command: str = ""):
                        f"{' and '.join(f'dve {c}' for c in RANKED_COMMANDS)})")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     cfg = compose(overrides)
-    ui.set_enabled(cfg.runtime.progress)
+    ui.configure(cfg.runtime.progress)  # the one place a command's progress choice is made
     if _ranks() > 1:  # join torchrun's group before anything is put on a device (cuda:<local rank>)
         from dve_repro import distributed
         from dve_repro.tasks import resolve_device
@@ -203,11 +206,10 @@ def embed(
     args: list[str] = typer.Argument(None, help="[RUN_DIR] followed by overrides.", show_default=False),
     force: bool = typer.Option(False, "--force", help="Recompute a finished embedding."),
 ) -> None:
-    from dve_repro.embed_stage import resolve, run_embedding
+    from dve_repro.embed_stage import embed_overrides, open_run, run_embedding
 
     run_dir, overrides = _split_run_dir(args or [])
-    _setup(overrides, "embed")
-    cfg, run = resolve(run_dir, overrides)
+    cfg, run = open_run(run_dir, _setup(embed_overrides(run_dir, overrides), "embed"))
     typer.echo(str(run_embedding(cfg, run, force=force)))
 
 
@@ -229,8 +231,7 @@ def score(
     if embed_path is None:
         if not overrides:
             raise DveError("give an embedding directory or the overrides of `dve embed` (e.g. experiment=mnist_mlp)")
-        _setup(overrides)
-        embed_path, overrides = embed_dir_for(overrides), []
+        embed_path, overrides = embed_dir_for(_setup(overrides)), []
     out = score_queries(embed_path, overrides, split, queries)
     for line in score_summary(out, top):
         typer.echo(line, err=True)

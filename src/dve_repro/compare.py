@@ -325,7 +325,6 @@ def run_compare(cfg: Config, results_dir: Path, force: bool = False, shard: str 
     from dve_repro.train import run_training
     from dve_repro.tsloo import run_tsloo
 
-    ui.set_enabled(cfg.runtime.progress)
     run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
     gt_path = run_tsloo(cfg, run, shard=shard)
     if not (gt_path / artifacts.DONE).is_file():
@@ -375,7 +374,6 @@ def run_sweep(overrides: list[str], *, shards: int = 1, results: Path | None = N
     cfgs = [compose(j) for j in jobs]  # every job's config is checked before anything runs
     runs = {}
     for cfg in cfgs:
-        ui.set_enabled(cfg.runtime.progress)
         path = run_training(cfg)
         runs.setdefault(path, TrainedRun.load(path, cfg.runtime.device))
     root = Path(cfgs[0].runtime.out_root) / cfgs[0].name / "sweeps"

@@ -183,7 +183,6 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     from dve_repro.train import capture_blocks, run_training
     from dve_repro.tsloo import load_ground_truth, run_tsloo
 
-    ui.set_enabled(cfg.runtime.progress)
     if cfg.runtime.threads:  # speed only: small per-step products run fastest on one thread
         torch.set_num_threads(cfg.runtime.threads)
     for c in curvatures:

@@ -402,7 +402,6 @@ def run_detect(
     from dve_repro.embed_stage import run_embedding
     from dve_repro.train import run_training
 
-    ui.set_enabled(cfg.runtime.progress)
     if cfg.data.name not in ("mnist", "cifar10"):
         raise DveError(
             f"detect-mislabeled needs image data (mnist or cifar10), got data.name={cfg.data.name}"

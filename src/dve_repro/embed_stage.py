@@ -50,21 +50,26 @@ from dve_repro.train import capture_blocks, train_dir
 TRAIN_SECTIONS = ("name", "seed", "data", "model", "optim", "schedule", "train", "trajectory")
 
 
-def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, TrainedRun]:
-    """The config to embed with and the training run it reads.
-
-    With ``run_dir`` the training sections come from the run's saved config and the rest
-    (projection, embed, …) from the run's experiment (when it is one of the shipped ones and no
-    ``experiment=`` is given) with the overrides on top; otherwise the composed config names the run.
-    """
+def embed_overrides(run_dir: Path | None, overrides: list[str]) -> list[str]:
+    """``overrides`` with ``experiment=<the run's>`` in front when ``run_dir`` was trained from
+    one of the shipped experiments and no ``experiment=`` is given (its projection, embed, …
+    settings are then the experiment's)."""
     if run_dir is not None and not any(o.startswith("experiment=") for o in overrides):
         from dve_repro.config import list_experiments
 
         path = Path(run_dir) / "config.json"
         saved = (artifacts.read_json(path).get("config") or {}).get("name") if path.is_file() else None
         if saved in list_experiments():
-            overrides = [f"experiment={saved}", *overrides]
-    requested = compose(overrides)
+            return [f"experiment={saved}", *overrides]
+    return list(overrides)
+
+
+def open_run(run_dir: Path | None, requested: Config) -> tuple[Config, TrainedRun]:
+    """The config to embed with and the training run it reads, from the config composed once
+    from :func:`embed_overrides`.
+
+    With ``run_dir`` the training sections come from the run's saved config and the rest from
+    ``requested``; otherwise ``requested`` names the run."""
     if run_dir is None:
         path = train_dir(requested)
         if not path.is_dir():
@@ -76,6 +81,11 @@ def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, Trained
     # Outputs go beside the training run: <out_root>/<name>/train-<fp> → <out_root>.
     out_root = str(Path(run_dir).resolve().parents[1])
     return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, out_root=out_root)), run
+
+
+def resolve(run_dir: Path | None, overrides: list[str]) -> tuple[Config, TrainedRun]:
+    """:func:`open_run` on the overrides composed here (for callers without a config yet)."""
+    return open_run(run_dir, compose(embed_overrides(run_dir, overrides)))
 
 
 def estimator_label(cfg: Config) -> str:
@@ -191,7 +201,6 @@ def boundaries_for(run: TrainedRun, k: int) -> list[int]:
 
 def run_embedding(cfg: Config, run: TrainedRun, force: bool = False) -> Path:
     ctx = distributed.context(run.device)
-    ui.set_enabled(cfg.runtime.progress and ctx.is_main)
     # Refuse an impossible segmentation before any folder is made or gradient computed.
     bounds = boundaries_for(run, cfg.embed.segments) if cfg.embed.algorithm == 2 else None
     if ctx.active:
@@ -483,9 +492,8 @@ def score_queries(embed_path: Path, overrides: list[str], split: str, queries_fi
     return rd.final / "scores.parquet"
 
 
-def embed_dir_for(overrides: list[str]) -> Path:
-    """The embedding folder that `dve embed` with these overrides writes."""
-    cfg = compose(overrides)
+def embed_dir_for(cfg: Config) -> Path:
+    """The finished embedding folder that `dve embed` with this config writes."""
     path = embed_dir(cfg)
     if not (path / artifacts.DONE).is_file():
         raise ArtifactError(f"no finished embedding for this config at {path}; run `dve embed` with the same "

@@ -474,7 +474,7 @@ def render(root: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(root: Path = Path("results"), out: Path | None = None, readme: Path | None = None) -> Path:
+def write_report(root: Path, out: Path | None = None, readme: Path | None = None) -> Path:
     """Write ``REPORT.md`` (default ``<root>/REPORT.md``); with ``readme``, replace its top table
     between :data:`BEGIN` and :data:`END`."""
     root = Path(root)

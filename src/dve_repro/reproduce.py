@@ -148,7 +148,7 @@ def _clock(seconds: float) -> str:
     return f"{m}m {s:02d}s"
 
 
-def run_reproduce(profile: str = "full", results_root: Path = Path("results"), out_root: Path | None = None,
+def run_reproduce(profile: str, results_root: Path, out_root: Path | None = None,
                   only: list[str] | None = None, dry_run: bool = False, echo=print,
                   readme: Path | None = None) -> int:
     """Run the stages of :data:`STAGES` (or ``only`` those), then write the report.

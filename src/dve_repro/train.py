@@ -123,7 +123,6 @@ def run_training(cfg: Config, force: bool = False) -> Path:
     every rank trains its slice of each batch (:func:`_run_training_ranks`)."""
     ctx = distributed.context(resolve_device(cfg.runtime.device))
     device = ctx.device(resolve_device(cfg.runtime.device))
-    ui.set_enabled(cfg.runtime.progress and ctx.is_main)
     if ctx.active:
         return _run_training_ranks(cfg, ctx, device, force)
     payload = stage_payload(cfg, "train")

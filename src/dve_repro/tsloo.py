@@ -466,9 +466,9 @@ def shard_job(overrides: list[str], shard: str) -> str:
     from dve_repro.train import train_dir
 
     cfg = compose(overrides)
-    ui.set_enabled(False)  # several shards share a terminal: the parent reports
-    run = TrainedRun.load(train_dir(cfg), cfg.runtime.device)
-    return str(run_tsloo(cfg, run, shard=shard))
+    with ui.progress(False):  # several shards share a terminal: the parent reports
+        run = TrainedRun.load(train_dir(cfg), cfg.runtime.device)
+        return str(run_tsloo(cfg, run, shard=shard))
 
 
 def load_ground_truth(path: Path) -> tuple[pd.DataFrame, np.ndarray]:

@@ -27,16 +27,38 @@ from rich.progress import (
 from rich.text import Text
 
 _console = Console(stderr=True)
+#: Bars and summaries on or off. Written in two places only: :func:`configure` (the CLI, once
+#: per command, from ``runtime.progress``) and :func:`progress` (a block that restores it).
+#: Pipeline stages never set it, so calling one from a notebook or another stage leaves the
+#: caller's choice as it was.
 _enabled = True
 
 
-def set_enabled(flag: bool) -> None:
+def configure(flag: bool) -> None:
+    """The command's choice (``runtime.progress``), made once by the CLI before a stage runs."""
     global _enabled
     _enabled = flag
 
 
+@contextlib.contextmanager
+def progress(flag: bool) -> Iterator[None]:
+    """Bars on (``True``) or off for the block only; the previous choice is restored after."""
+    global _enabled
+    before, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _main_rank() -> bool:
+    # Under torchrun every rank runs the same stage; only rank 0 reports (the others would
+    # print the same bars over one another).
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def enabled() -> bool:
-    return _enabled and os.environ.get("DVE_QUIET", "") in ("", "0")
+    return _enabled and os.environ.get("DVE_QUIET", "") in ("", "0") and _main_rank()
 
 
 def log(msg: str) -> None:
