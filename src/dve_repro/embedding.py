@@ -328,6 +328,32 @@ def algorithm2(
     check_matrix_fits(p, blocks, dtype, max_matrix_gb, copies=K + 2)
     if out is None:
         out = torch.empty(n, p, dtype=dtype, device=device)
+    Ms = _local_phase(G, F, out, offs, ws, foffs, b, blocks, workers, dtype, max_matrix_gb, device, local)
+    Qs = [[torch.eye(M.shape[0], dtype=dtype, device=device) - M.to(device) for M in Mk] for Mk in Ms]
+    del Ms
+    dynamics, squeeze, Vq = _query_vectors(queries, Qs, spans, n, p, dtype, device)
+    _propagate(out, offs, b, Qs, spans, Vq, dynamics, dtype, device)
+    if dynamics is not None:
+        dynamics = dynamics.cpu()
+        if squeeze:
+            dynamics = dynamics[..., 0]
+    return Algorithm2Result(out, [_as_output(Q, blocks) for Q in Qs], dynamics)
+
+
+def _local_phase(G, F, out, offs, ws, foffs, b, blocks, workers, dtype, max_matrix_gb, device,
+                 local) -> list[list[torch.Tensor]]:
+    """Algorithm 2's first phase: every segment's Algorithm 1 alone (its local rows into
+    ``out``), returning each segment's M_k per block — given (``local``), in worker
+    processes, or here."""
+    K = len(b) - 1
+    if local is not None:
+        if sorted(local) != list(range(K)):
+            raise ValueError(f"local propagators given for segments {sorted(local)}, expected 0..{K - 1}")
+        return [_as_list(local[k]) for k in range(K)]
+    if workers <= 0:
+        done = segment_recursions(G, offs, ws, b, range(K), F=F, f_offsets=foffs if F is not None else None,
+                                  blocks=blocks, out=out, dtype=dtype, max_matrix_gb=max_matrix_gb, device=device)
+        return [_as_list(done[k]) for k in range(K)]
     jobs = []
     for k in range(K):
         s0, s1 = b[k], b[k + 1]
@@ -335,58 +361,58 @@ def algorithm2(
         seg_foffs = None if F is None else [o - foffs[s0] for o in foffs[s0 : s1 + 1]]
         jobs.append((k, s0, s1, seg_offs, ws[s0:s1], seg_foffs))
     Ms: list[list[torch.Tensor]] = [[] for _ in range(K)]
-    if local is not None:
-        if sorted(local) != list(range(K)):
-            raise ValueError(f"local propagators given for segments {sorted(local)}, expected 0..{K - 1}")
-        Ms = [_as_list(local[k]) for k in range(K)]
-    elif workers > 0:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])  # torch imported once, in the (fresh) server
-        out_is_file = isinstance(_ref(out, 0, 0), tuple)
-        with ProcessPoolExecutor(max_workers=min(workers, K), mp_context=ctx) as pool:
-            futs = {
-                k: pool.submit(
-                    _segment_job, _ref(G, offs[s0], offs[s1]),
-                    _ref(F, foffs[s0], foffs[s1]),
-                    _ref(out, offs[s0], offs[s1]) if out_is_file else None,
-                    so, sw, sf, blocks, dtype, max_matrix_gb, 1,
-                )
-                for k, s0, s1, so, sw, sf in jobs
-            }
-            for k, s0, s1, *_ in jobs:
-                E_loc, M = futs[k].result()
-                if E_loc is not None:
-                    _write(out, offs[s0], offs[s1], E_loc)
-                Ms[k] = _as_list(M)
-    else:
-        done = segment_recursions(G, offs, ws, b, range(K), F=F, f_offsets=foffs if F is not None else None,
-                                  blocks=blocks, out=out, dtype=dtype, max_matrix_gb=max_matrix_gb, device=device)
-        Ms = [_as_list(done[k]) for k in range(K)]
-    Qs = [[torch.eye(M.shape[0], dtype=dtype, device=device) - M.to(device) for M in Mk] for Mk in Ms]
-    del Ms
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # torch imported once, in the (fresh) server
+    out_is_file = isinstance(_ref(out, 0, 0), tuple)
+    with ProcessPoolExecutor(max_workers=min(workers, K), mp_context=ctx) as pool:
+        futs = {
+            k: pool.submit(
+                _segment_job, _ref(G, offs[s0], offs[s1]),
+                _ref(F, foffs[s0], foffs[s1]),
+                _ref(out, offs[s0], offs[s1]) if out_is_file else None,
+                so, sw, sf, blocks, dtype, max_matrix_gb, 1,
+            )
+            for k, s0, s1, so, sw, sf in jobs
+        }
+        for k, s0, s1, *_ in jobs:
+            E_loc, M = futs[k].result()
+            if E_loc is not None:
+                _write(out, offs[s0], offs[s1], E_loc)
+            Ms[k] = _as_list(M)
+    return Ms
 
-    # query vectors per segment: V[k][j] = (Q_{j−1} ⋯ Q_{k+1})ᵀ u_j for j > k
+
+def _query_vectors(queries, Qs, spans, n: int, p: int, dtype, device):
+    """The query vectors per segment, V[k][j] = (Q_{j−1} ⋯ Q_{k+1})ᵀ u_j for j > k, and the
+    NaN-filled ``dynamics`` [n, K, Q] they fill; ``(None, True, [{}…])`` without queries."""
+    K = len(Qs)
     dynamics, squeeze, Vq = None, True, [dict() for _ in range(K)]
-    if queries:
-        us = {int(j): torch.as_tensor(u).to(device=device, dtype=dtype) for j, u in queries.items()}
-        if any(not 1 <= j <= K for j in us):
-            raise ValueError(f"query checkpoints must lie in 1..K={K}: {sorted(us)}")
-        squeeze = all(u.dim() == 1 for u in us.values())
-        us = {j: u.reshape(p, -1) for j, u in us.items()}
-        nq = {u.shape[1] for u in us.values()}
-        if len(nq) != 1:
-            raise ValueError("all query matrices must have the same number of columns")
-        dynamics = torch.full((n, K, nq.pop()), float("nan"), dtype=dtype, device=device)
-        for j, u in us.items():
-            v = u.clone()
-            for k in range(j - 1, -1, -1):
-                Vq[k][j] = v.clone()
-                for s, Q in zip(spans, Qs[k], strict=True):
-                    v[s] = Q.T @ v[s]
+    if not queries:
+        return dynamics, squeeze, Vq
+    us = {int(j): torch.as_tensor(u).to(device=device, dtype=dtype) for j, u in queries.items()}
+    if any(not 1 <= j <= K for j in us):
+        raise ValueError(f"query checkpoints must lie in 1..K={K}: {sorted(us)}")
+    squeeze = all(u.dim() == 1 for u in us.values())
+    us = {j: u.reshape(p, -1) for j, u in us.items()}
+    nq = {u.shape[1] for u in us.values()}
+    if len(nq) != 1:
+        raise ValueError("all query matrices must have the same number of columns")
+    dynamics = torch.full((n, K, nq.pop()), float("nan"), dtype=dtype, device=device)
+    for j, u in us.items():
+        v = u.clone()
+        for k in range(j - 1, -1, -1):
+            Vq[k][j] = v.clone()
+            for s, Q in zip(spans, Qs[k], strict=True):
+                v[s] = Q.T @ v[s]
+    return dynamics, squeeze, Vq
 
-    # final embeddings (and dynamics) segment by segment, suffix S_k = Q_{K−1} ⋯ Q_{k+1}
+
+def _propagate(out, offs, b, Qs, spans, Vq, dynamics, dtype, device) -> None:
+    """Algorithm 2's second phase, in place: segment k's local rows times the suffix
+    S_k = Q_{K−1} ⋯ Q_{k+1} (last segment first, so S grows by one factor per segment),
+    and the dynamics columns of its rows."""
     S = None
-    for k in range(K - 1, -1, -1):
+    for k in range(len(Qs) - 1, -1, -1):
         for r0 in range(offs[b[k]], offs[b[k + 1]], _ROW_CHUNK):
             r1 = min(r0 + _ROW_CHUNK, offs[b[k + 1]])
             E_loc = _rows(out, r0, r1, dtype, device)
@@ -399,11 +425,6 @@ def algorithm2(
                 _write(out, r0, r1, E_fin)
         if k > 0:  # S_{k−1} = S_k Q_k; the product after the first segment would go unused
             S = [Q.clone() for Q in Qs[k]] if S is None else [Sb @ Q for Sb, Q in zip(S, Qs[k], strict=True)]
-    if dynamics is not None:
-        dynamics = dynamics.cpu()
-        if squeeze:
-            dynamics = dynamics[..., 0]
-    return Algorithm2Result(out, [_as_output(Q, blocks) for Q in Qs], dynamics)
 
 
 def segment_recursions(
