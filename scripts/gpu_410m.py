@@ -1,6 +1,6 @@
 """E2 on a GPU: the Pythia-410M row of paper Table 1 on the real pipeline, beside the paper's.
 
-A thin driver over :func:`dve_repro.bench_gpu.bench_gpu` (= ``dve bench gpu``): ``dve train``
+A thin driver over :func:`dve_repro.bench.gpu.bench_gpu` (= ``dve bench gpu``): ``dve train``
 with capture for ``--steps`` steps, ``dve embed``, the recompute-at-θ_T alternative and
 ``dve score``, with ``torch.cuda.max_memory_allocated`` per stage. Without a Pile folder it
 runs on the embedded English text (``data=text``; a step's cost does not depend on the text).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dve_repro.bench_gpu import bench_gpu
+from dve_repro.bench import bench_gpu
 
 
 def main() -> None:

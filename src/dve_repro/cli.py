@@ -416,7 +416,7 @@ def bench_adamw(
     out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for adamw.csv and adamw.md."),
     quick: bool = typer.Option(False, "--quick", help="One small size, one round."),
 ) -> None:
-    from dve_repro.bench_adamw import bench_adamw as run
+    from dve_repro.bench import bench_adamw as run
 
     run(out, quick=quick)
 
@@ -432,7 +432,7 @@ def bench_gpu(
     steps: int = typer.Option(8, "--steps", help="Training steps to capture and embed."),
     device: str = typer.Option("cuda", "--device", help="cuda (the benchmark), or cpu for a dry run."),
 ) -> None:
-    from dve_repro.bench_gpu import bench_gpu as run
+    from dve_repro.bench import bench_gpu as run
     from dve_repro.tasks import resolve_device
 
     if steps < 2:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
+from dve_repro import torch_state
 from dve_repro.bench import EMBED_MEM_COLS, EMBED_SPEED_COLS, TSLOO_COLS, bench_embed, bench_tsloo
 
 
@@ -15,7 +17,11 @@ def _positive(df: pd.DataFrame, cols: list[str]) -> None:
 
 
 def test_quick_benchmarks_write_positive_tables(tmp_path):
-    embed = bench_embed(tmp_path, quick=True, threads=1)  # one thread: fastest for tiny models
+    with torch_state.threads(2):  # each benchmark puts the caller's thread count back
+        embed = bench_embed(tmp_path, quick=True, threads=1)  # one thread: fastest for tiny models
+        assert torch.get_num_threads() == 2
+        ts = bench_tsloo(tmp_path, quick=True, threads=1)
+        assert torch.get_num_threads() == 2
     assert len(embed) == 1
     assert set(EMBED_SPEED_COLS) | set(EMBED_MEM_COLS) <= set(embed.columns)
     _positive(embed, [c for c in EMBED_SPEED_COLS + EMBED_MEM_COLS
@@ -26,7 +32,6 @@ def test_quick_benchmarks_write_positive_tables(tmp_path):
     assert (embed["queue_wait_ms"] >= 0).all()
     assert embed["G_bytes_disk"].iloc[0] >= embed["N_occ"].iloc[0] * embed["p_tilde"].iloc[0] * 8
 
-    ts = bench_tsloo(tmp_path, quick=True, threads=1)
     assert list(ts.columns) == TSLOO_COLS
     assert set(ts["method"]) == {"naive", "same_start", "batched"}
     assert set(ts["setting"]) == {"single", "all", "single+all"}

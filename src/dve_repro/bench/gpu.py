@@ -1,4 +1,4 @@
-"""E2 on the real pipeline: the paper's Table 1 for ``experiment=pythia410m_pile1pct``.
+"""``dve bench gpu``: E2 on the real pipeline, the paper's Table 1 for ``experiment=pythia410m_pile1pct``.
 
 Runs the commands a user runs, in order, and times each one (``dve bench gpu``):
 
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from dve_repro import ui
-from dve_repro.bench import _header, _load_avg, _markdown
+from dve_repro.bench.harness import header, load_avg, table
 from dve_repro.config import compose
 
 # Paper Table 1 (Pythia-410M, 1% of the Pile, one A100, projection dimension 1024).
@@ -76,7 +76,7 @@ def bench_gpu(
     from dve_repro.replay import TrainedRun
     from dve_repro.train import run_training
 
-    started, load_start = time.perf_counter(), _load_avg()
+    started, load_start = time.perf_counter(), load_avg()
     os.environ.setdefault(
         "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
     )  # deterministic cuBLAS (as the CLI sets)
@@ -155,19 +155,19 @@ def _write(
         "recompute at θ_T (LoGra-style)": f"{row['recompute_pts_per_s']:.1f} points/s, peak "
         f"{_gb(row['recompute_peak_bytes'])}",
     }
-    table = pd.DataFrame(
+    paper = pd.DataFrame(
         {"metric": list(PAPER), "paper": list(PAPER.values()), "ours": [ours[k] for k in PAPER]}
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(out_dir / "gpu.csv", index=False)
-    header = _header(
+    head = header(
         "dve bench gpu " + " ".join(ov[1:]), torch.get_num_threads(), started, load_start
     )
     where = row.get("gpu", row["device"])
     text = (
-        f"# Pythia-410M efficiency on the real pipeline (paper Table 1)\n\n{header}\n\n"
+        f"# Pythia-410M efficiency on the real pipeline (paper Table 1)\n\n{head}\n\n"
         f"Measured on {where}: {row['model']}, batch {row['batch']} × {row['seq_len']} tokens, "
-        f"{row['dtype']}; phases figure: `{row['phases']}`.\n\n{_markdown(table)}\n\n{_markdown(df)}\n"
+        f"{row['dtype']}; phases figure: `{row['phases']}`.\n\n{table(paper)}\n{table(df)}"
     )
     (out_dir / "gpu.md").write_text(text)
-    print(_markdown(table))
+    print(table(paper), end="")

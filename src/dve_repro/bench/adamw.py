@@ -12,17 +12,17 @@ point is p̃ numbers for all three. Writes ``adamw.csv`` / ``adamw.md``.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dve_repro import artifacts
+from dve_repro import artifacts, torch_state
+from dve_repro.bench.harness import median, timed
 from dve_repro.embedding import algorithm1
 from dve_repro.embedding_adamw import AdamWStep, OpSum, algorithm1_adamw
+from dve_repro.tables import markdown_table
 
 
 def _steps(G: torch.Tensor, T: int, B: int, kind: str, gen: torch.Generator) -> list[AdamWStep]:
@@ -81,21 +81,13 @@ def _runs(G, offsets, w, steps, T: int, p: int) -> dict:
     }
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def bench_adamw(
     out_dir: Path, quick: bool = False, *, threads: int = 2, repeats: int | None = None
 ) -> pd.DataFrame:
     repeats = repeats or (1 if quick else 3)
     grid = [(1024, 64, 8)] if quick else [(1024, 64, 32), (2048, 64, 16), (4096, 64, 8)]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     rows = []
-    try:
+    with torch_state.threads(threads):
         for p, B, T in grid:
             gen = torch.Generator().manual_seed(p)
             G = torch.randn(T * B, p, generator=gen, dtype=torch.float64) / np.sqrt(p)
@@ -107,10 +99,10 @@ def bench_adamw(
             for r in range(repeats):  # interleaved rounds, order flipped each round
                 order = list(runs) if r % 2 == 0 else list(reversed(runs))
                 for name in order:
-                    times[name].append(_time(runs[name]))
-            sgd = statistics.median(times["sgd"])
+                    times[name].append(timed(runs[name])[0])
+            sgd = median(times["sgd"])
             for name, ts in times.items():
-                med = statistics.median(ts)
+                med = median(ts)
                 rows.append(
                     {
                         "recursion": name,
@@ -124,11 +116,7 @@ def bench_adamw(
                         "bytes_per_point": p * 8,
                     }
                 )
-    finally:
-        torch.set_num_threads(before)
     df = pd.DataFrame(rows)
-    from dve_repro.tables import markdown_table
-
     header = (
         f"# AdamW-aware recursion vs the SGD recursion (Algorithm 1)\n\n"
         f"Made by `dve bench adamw{' --quick' if quick else ''}` ({threads} threads, {repeats} interleaved "
