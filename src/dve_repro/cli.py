@@ -375,50 +375,30 @@ bench_app = typer.Typer(help="Benchmarks: tables of measured throughput, memory 
 app.add_typer(bench_app, name="bench")
 
 
-@bench_app.command("embed", help="Capture, Algorithm 1/2 and the recompute-at-θ_T alternative, side by side.")
-@guarded
-def bench_embed(
-    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for embed.csv and embed.md."),
-    quick: bool = typer.Option(False, "--quick", help="One tiny configuration, one repeat."),
-) -> None:
-    from dve_repro.bench import bench_embed as run
+def _cpu_bench(name: str, help: str, quick_help: str) -> None:
+    """Register ``dve bench <name>`` → ``dve_repro.bench.bench_<name>(out, quick=…)``; the four CPU
+    benchmarks take the same two options."""
 
-    run(out, quick=quick)
+    def command(
+        out: Path = typer.Option(Path("results/bench"), "--out", help=f"Folder for {name}.csv and {name}.md."),
+        quick: bool = typer.Option(False, "--quick", help=quick_help),
+    ) -> None:
+        from dve_repro import bench
 
+        getattr(bench, f"bench_{name}")(out, quick=quick)
 
-@bench_app.command("tsloo", help="Batched ground-truth retraining against one retraining per point, from θ_0 and from the same checkpoint.")
-@guarded
-def bench_tsloo(
-    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for tsloo.csv and tsloo.md."),
-    quick: bool = typer.Option(False, "--quick", help="A tiny run, one repeat."),
-) -> None:
-    from dve_repro.bench import bench_tsloo as run
-
-    run(out, quick=quick)
+    command.__name__ = f"bench_{name}"
+    bench_app.command(name, help=help)(guarded(command))
 
 
-@bench_app.command("lm", help="E2 on the CPU for pythia_tiny and pythia_14m: capture throughput and overhead, "
-                   "Algorithm 1 throughput and memory, storage, queries, recompute at θ_T.")
-@guarded
-def bench_lm(
-    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for lm.csv and lm.md."),
-    quick: bool = typer.Option(False, "--quick", help="pythia_tiny only, short sequences, two repeats."),
-) -> None:
-    from dve_repro.bench import bench_lm as run
-
-    run(out, quick=quick)
-
-
-@bench_app.command("adamw", help="The AdamW-aware recursion (mask and Kronecker operators) against the SGD "
-                   "recursion at equal projection size: time per step, ratio, matrix memory, storage.")
-@guarded
-def bench_adamw(
-    out: Path = typer.Option(Path("results/bench"), "--out", help="Folder for adamw.csv and adamw.md."),
-    quick: bool = typer.Option(False, "--quick", help="One small size, one round."),
-) -> None:
-    from dve_repro.bench import bench_adamw as run
-
-    run(out, quick=quick)
+_cpu_bench("embed", "Capture, Algorithm 1/2 and the recompute-at-θ_T alternative, side by side.",
+           "One tiny configuration, one repeat.")
+_cpu_bench("tsloo", "Batched ground-truth retraining against one retraining per point, from θ_0 and from the same "
+           "checkpoint.", "A tiny run, one repeat.")
+_cpu_bench("lm", "E2 on the CPU for pythia_tiny and pythia_14m: capture throughput and overhead, Algorithm 1 "
+           "throughput and memory, storage, queries, recompute at θ_T.", "pythia_tiny only, short sequences, two repeats.")
+_cpu_bench("adamw", "The AdamW-aware recursion (mask and Kronecker operators) against the SGD recursion at equal "
+           "projection size: time per step, ratio, matrix memory, storage.", "One small size, one round.")
 
 
 @bench_app.command("gpu", help="E2 on the real pipeline (paper Table 1): `dve train` with capture, `dve embed`, the "

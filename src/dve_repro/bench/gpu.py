@@ -64,7 +64,13 @@ def _gb(x: float) -> str:
 def bench_gpu(
     out_dir: Path, overrides: list[str], steps: int = 8, device: str = "cuda"
 ) -> pd.DataFrame:
-    """Train ``steps`` steps with capture, embed, recompute at θ_T, score, phases; one row."""
+    """Train ``steps`` steps with capture, embed, recompute at θ_T, score, phases; one row
+    (the timed stages draw no progress bars)."""
+    with ui.progress(False):
+        return _bench_gpu(out_dir, overrides, steps, device)
+
+
+def _bench_gpu(out_dir: Path, overrides: list[str], steps: int, device: str) -> pd.DataFrame:
     from dve_repro.analyze import run_phases
     from dve_repro.embed_stage import (
         make_featurizer,
@@ -92,7 +98,6 @@ def bench_gpu(
         *overrides,
     ]
     cfg = compose(ov)
-    ui.set_enabled(False)
     row: dict[str, Any] = {
         "device": device,
         "steps": steps,

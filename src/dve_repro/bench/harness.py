@@ -121,10 +121,10 @@ class Session:
         self.out_dir, self.threads, self.keep_runs = Path(out_dir), threads, keep_runs
 
     def __enter__(self) -> Session:
-        self.show = ui.enabled()
-        self.ui_flag = getattr(ui, "_enabled", True)
+        self.show = ui.enabled()  # the caller's choice, for this session's own lines
         self._scoped = contextlib.ExitStack()
         self._scoped.enter_context(torch_state.threads(self.threads))
+        self._scoped.enter_context(ui.progress(False))  # the timed stages draw no bars
         (self.out_dir / "_runs").mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=self.out_dir / "_runs"))
         self.started = time.perf_counter()
@@ -133,7 +133,6 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self._scoped.close()
-        ui.set_enabled(self.ui_flag)  # run_training switches bars off for the whole process
         if not self.keep_runs:
             shutil.rmtree(self.scratch, ignore_errors=True)
             runs = self.out_dir / "_runs"
