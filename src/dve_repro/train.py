@@ -294,24 +294,7 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
             "data": task.description,
         })
 
-    start, rows = _resume_point(run.path, T) if main else (0, [])
-    start = ctx.broadcast(start)
-    if start > 0:
-        params, state = load_checkpoint(run.path, start, device)
-        ui.log(f"resuming {run.final.name} from step {start}/{T}")
-    elif main:
-        params = initial_params(task)
-        state = init_state(params, cfg.optim)
-        save_checkpoint(run.path, 0, params, state)
-    capture = None
-    if cfg.trajectory.capture and main:
-        capture = _make_capture(cfg, task, run.path, plan)  # rank 0 allocates the shared store
-    ctx.barrier()
-    if not main:
-        if start == 0:  # θ_0 as rank 0 wrote it (the same bits on every rank)
-            params, state = load_checkpoint(run.path, 0, device)
-        if cfg.trajectory.capture:
-            capture = _make_capture(cfg, task, run.path, plan)  # opens rank 0's store
+    start, rows, params, state, capture = _start_point(cfg, run, task, plan, device, ctx)
     metrics = _load_metrics(run.path, start) if main else []
     every = cfg.train.eval_every if main else 0
     curve = _load_curve(run.path, start) if every else []
@@ -357,19 +340,8 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
                 m = metrics[-1]
                 ui.log(f"epoch {s.epoch}: train loss {m['train_loss']:.4f} acc {m['train_acc']:.3f} | val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}")
             if t + 1 in ckpts:
-                save_checkpoint(run.path, t + 1, params, state)
-                if capture is not None:
-                    capture.store.flush()
-                ctx.barrier()  # every rank's rows of steps < t+1 are written
-                if capture is not None:
-                    capture.store.commit(range(0, t + 1))
-                # metrics first: the trajectory rows are what marks a checkpoint resumable
-                artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
-                if every:
-                    artifacts.save_table(run.file(CURVE), pd.DataFrame(curve, columns=["step", "val_loss"]))
-                if selector is not None:
-                    artifacts.save_table(run.file(SELECTION), selector.frame())
-                artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
+                _commit_checkpoint(run, t + 1, params, state, capture, ctx, rows, metrics, curve if every else None,
+                                   selector)
     if capture is not None:
         capture.store.close()  # every row written (θ_T is a checkpoint: committed above)
     if not main:
@@ -382,6 +354,52 @@ def _train(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, se
                    "resumed_from": start, "profile": profile, "ranks": ctx.world})
     ctx.barrier()
     ui.log(f"trained {T - start} steps in {elapsed:.1f}s -> {run.final}")
+
+
+def _start_point(cfg: Config, run: artifacts.RunDir, task: Task, plan, device: str, ctx: distributed.Context):
+    """Where the loop starts: the last resumable checkpoint (its trajectory rows, θ, optimizer
+    state) or θ_0, written by rank 0 and read back by the others; and the gradient store
+    when the run captures (rank 0 allocates it, the others open it)."""
+    main, T = ctx.is_main, len(plan)
+    start, rows = _resume_point(run.path, T) if main else (0, [])
+    start = ctx.broadcast(start)
+    params = state = None
+    if start > 0:
+        params, state = load_checkpoint(run.path, start, device)
+        ui.log(f"resuming {run.final.name} from step {start}/{T}")
+    elif main:
+        params = initial_params(task)
+        state = init_state(params, cfg.optim)
+        save_checkpoint(run.path, 0, params, state)
+    capture = None
+    if cfg.trajectory.capture and main:
+        capture = _make_capture(cfg, task, run.path, plan)  # rank 0 allocates the shared store
+    ctx.barrier()
+    if not main:
+        if start == 0:  # θ_0 as rank 0 wrote it (the same bits on every rank)
+            params, state = load_checkpoint(run.path, 0, device)
+        if cfg.trajectory.capture:
+            capture = _make_capture(cfg, task, run.path, plan)  # opens rank 0's store
+    return start, rows, params, state, capture
+
+
+def _commit_checkpoint(run: artifacts.RunDir, step: int, params: Tensors, state: Tensors, capture, ctx, rows, metrics,
+                       curve, selector) -> None:
+    """Rank 0 at checkpoint ``step``: θ and the optimizer state, every rank's captured rows of
+    the steps before it, then the tables; the trajectory rows last, as they are what marks
+    the checkpoint resumable."""
+    save_checkpoint(run.path, step, params, state)
+    if capture is not None:
+        capture.store.flush()
+    ctx.barrier()  # every rank's rows of steps < step are written
+    if capture is not None:
+        capture.store.commit(range(0, step))
+    artifacts.save_table(run.file("metrics.csv"), pd.DataFrame(metrics, columns=METRIC_COLUMNS))
+    if curve is not None:
+        artifacts.save_table(run.file(CURVE), pd.DataFrame(curve, columns=["step", "val_loss"]))
+    if selector is not None:
+        artifacts.save_table(run.file(SELECTION), selector.frame())
+    artifacts.save_table(run.file(TRAJECTORY), rows_to_frame(rows))
 
 
 def _load_curve(run_dir: Path, start: int) -> list[dict]:
