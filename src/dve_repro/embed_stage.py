@@ -274,34 +274,9 @@ def _run_embedding_ranks(cfg: Config, run: TrainedRun, ctx: distributed.Context,
         kw = {"dtype": compute_dtype(cfg), "max_matrix_gb": cfg.embed.max_matrix_gb, "device": run.device}
         t0 = time.perf_counter()
         if cfg.embed.algorithm == 1:
-            p = store.G.shape[1]
-            first, last = distributed.split_contiguous([(b.stop - b.start) ** 2 for b in blocks], ctx.world)[ctx.rank]
-            cols, mine = embedding.column_part(blocks, p, first, last)
-            ui.log(f"algorithm 1 on {ctx.world} ranks: rank 0 has M blocks {first}..{last - 1} of {len(blocks)}")
-            if mine:
-                embedding.algorithm1(store.G[:, cols], offsets, w, F=None if store.F is None else store.F[:, cols],
-                                     f_offsets=store.f_offsets(), blocks=mine, out=E[:, cols],
-                                     chunk_steps=cfg.embed.chunk_steps, **kw)
-            E.flush()
-            ctx.barrier()
-            dynamics = None
+            dynamics = _ranked_algorithm1(cfg, ctx, store, E, offsets, w, blocks, kw)
         else:
-            K = len(bounds) - 1
-            first, last = distributed.split_contiguous([int(offsets[bounds[k + 1]] - offsets[bounds[k]])
-                                                        for k in range(K)], ctx.world)[ctx.rank]
-            ui.log(f"algorithm 2 on {ctx.world} ranks: {K} segments at {bounds}; rank 0 has {first}..{last - 1}")
-            local = embedding.segment_recursions(store.G, offsets, w, bounds, range(first, last), F=store.F,
-                                                 f_offsets=store.f_offsets(), blocks=blocks, out=E, **kw)
-            E.flush()
-            parts = ctx.gather({k: [M.cpu() for M in (M if isinstance(M, list) else [M])] for k, M in local.items()})
-            dynamics = None
-            if ctx.is_main:
-                merged = {k: M if blocks is not None else M[0] for part in parts for k, M in part.items()}
-                feat = held["feat"]
-                queries = {j: query_features(feat, run.load_params(b)[0], run.task.x_val, run.task.y_val).mean(0)
-                           for j, b in enumerate(bounds[1:], start=1)}
-                dynamics = embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(),
-                                                blocks=blocks, queries=queries, out=E, local=merged, **kw).dynamics
+            dynamics = _ranked_algorithm2(run, ctx, store, E, offsets, w, blocks, bounds, held.get("feat"), kw)
         if ctx.is_main:
             E.flush()
             del E
@@ -311,6 +286,43 @@ def _run_embedding_ranks(cfg: Config, run: TrainedRun, ctx: distributed.Context,
                              | {"ranks": ctx.world})
         ctx.barrier()  # the other ranks return once rank 0 has marked the embedding done
     return rd.final
+
+
+def _ranked_algorithm1(cfg: Config, ctx: distributed.Context, store, E, offsets, w, blocks, kw) -> None:
+    """This rank's contiguous group of per-layer M blocks (about equal Σ p_b² per rank), its
+    columns of the shared E written in place; no dynamics (returns None)."""
+    p = store.G.shape[1]
+    first, last = distributed.split_contiguous([(b.stop - b.start) ** 2 for b in blocks], ctx.world)[ctx.rank]
+    cols, mine = embedding.column_part(blocks, p, first, last)
+    ui.log(f"algorithm 1 on {ctx.world} ranks: rank 0 has M blocks {first}..{last - 1} of {len(blocks)}")
+    if mine:
+        embedding.algorithm1(store.G[:, cols], offsets, w, F=None if store.F is None else store.F[:, cols],
+                             f_offsets=store.f_offsets(), blocks=mine, out=E[:, cols],
+                             chunk_steps=cfg.embed.chunk_steps, **kw)
+    E.flush()
+    ctx.barrier()
+    return None
+
+
+def _ranked_algorithm2(run: TrainedRun, ctx: distributed.Context, store, E, offsets, w, blocks, bounds, feat, kw):
+    """This rank's contiguous group of segments (about equal rows per rank), their local rows
+    written into E; rank 0 gathers every segment's M_k and propagates across segments
+    (:func:`embedding.algorithm2` with ``local``), returning the dynamics (None elsewhere)."""
+    K = len(bounds) - 1
+    first, last = distributed.split_contiguous([int(offsets[bounds[k + 1]] - offsets[bounds[k]])
+                                                for k in range(K)], ctx.world)[ctx.rank]
+    ui.log(f"algorithm 2 on {ctx.world} ranks: {K} segments at {bounds}; rank 0 has {first}..{last - 1}")
+    local = embedding.segment_recursions(store.G, offsets, w, bounds, range(first, last), F=store.F,
+                                         f_offsets=store.f_offsets(), blocks=blocks, out=E, **kw)
+    E.flush()
+    parts = ctx.gather({k: [M.cpu() for M in (M if isinstance(M, list) else [M])] for k, M in local.items()})
+    if not ctx.is_main:
+        return None
+    merged = {k: M if blocks is not None else M[0] for part in parts for k, M in part.items()}
+    queries = {j: query_features(feat, run.load_params(b)[0], run.task.x_val, run.task.y_val).mean(0)
+               for j, b in enumerate(bounds[1:], start=1)}
+    return embedding.algorithm2(store.G, offsets, w, bounds, F=store.F, f_offsets=store.f_offsets(),
+                                blocks=blocks, queries=queries, out=E, local=merged, **kw).dynamics
 
 
 def _check_space(cfg: Config, run: TrainedRun, feat: Featurizer, folder: Path) -> None:
