@@ -474,12 +474,14 @@ def reproduce(
                                 "--results-root other than results/)."),
     only: str = typer.Option(None, "--only", help="Comma-separated stage names (see --dry-run)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages and their commands; run nothing."),
+    jobs: int = typer.Option(2, "--jobs", "-j", help="Stages run side by side (each on one torch thread; a "
+                             "benchmark runs alone)."),
 ) -> None:
     from dve_repro.reproduce import run_reproduce
 
     readme = Path("README.md") if Path(results_root) == Path("results") and Path("README.md").exists() else None
     failed = run_reproduce(profile, results_root, out_root, only.split(",") if only else None, dry_run=dry_run,
-                           echo=typer.echo, readme=readme)
+                           echo=typer.echo, readme=readme, jobs=jobs)
     if failed:
         raise typer.Exit(1)
 

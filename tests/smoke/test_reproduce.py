@@ -110,3 +110,17 @@ def test_a_damaged_result_file_is_reported_failed_not_trusted(tmp_path):
     assert res.exit_code == 0, res.output
     rows = _rows((tmp_path / "REPORT.md").read_text())
     assert rows["E1-single"] == "failed" and rows["E3"] == "not run here"
+
+
+def test_stages_start_when_their_inputs_ended_and_a_benchmark_runs_alone():
+    from dve_repro.reproduce import Stage, _ready
+
+    a, b = Stage("a", (), ("x",), "r"), Stage("b", (), ("x",), "r", after=("a",))
+    c, bench = Stage("c", (), ("x",), "r"), Stage("bench", (), ("x",), None, alone=True)
+    order = [a, b, c, bench]
+    assert _ready(order, {}, 2) == [a, c]  # b reads a's folders: it waits
+    assert _ready([b, bench], {"c": (c,)}, 2) == [b]  # a ended
+    assert _ready([bench], {"b": (b,)}, 2) == []  # the benchmark is timed with nothing beside it
+    assert _ready([bench], {}, 2) == [bench]
+    assert _ready([c], {"bench": (bench,)}, 2) == []
+    assert _ready(order, {}, 1) == [a]
