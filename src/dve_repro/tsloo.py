@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dve_repro import artifacts, ui
+from dve_repro import artifacts, torch_state, ui
 from dve_repro.config import Config, OptimConfig, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, DveError
 from dve_repro.models import MLP
@@ -411,10 +411,10 @@ _WORKER_RUN: dict[str, TrainedRun] = {}
 
 
 def _worker_chunk(path: str, device: str, chunk: list[Job], dtype: str) -> np.ndarray:
-    torch.set_num_threads(1)
-    if path not in _WORKER_RUN:
-        _WORKER_RUN[path] = TrainedRun.load(path, device)
-    return batched_delta(_WORKER_RUN[path], chunk, getattr(torch, dtype.split(".")[-1]))
+    with torch_state.threads(1):
+        if path not in _WORKER_RUN:
+            _WORKER_RUN[path] = TrainedRun.load(path, device)
+        return batched_delta(_WORKER_RUN[path], chunk, getattr(torch, dtype.split(".")[-1]))
 
 
 def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:
