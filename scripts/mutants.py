@@ -494,14 +494,14 @@ CATALOGUE: tuple[Mutant, ...] = (
     # ---------------------------------------------------------------- task / LM losses
     M(
         "lm-loss-denominator",
-        "tasks.py",
+        "lm.py",
         "sum(dim=1) / (y.shape[1] - 1)",
         "sum(dim=1) / y.shape[1]",
         "sequence loss averaged over L instead of the L − 1 predicted tokens",
     ),
     M(
         "lm-loss-no-shift",
-        "tasks.py",
+        "lm.py",
         "tgt = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], dim=1)",
         "tgt = torch.cat([y[:, :-1], torch.full_like(y[:, :1], -100)], dim=1)",
         "LM targets not shifted (predicts the current token)",
@@ -545,7 +545,7 @@ CATALOGUE: tuple[Mutant, ...] = (
     ),
     M(
         "detect-bootstrap-without-replacement",
-        "detect.py",
+        "stats.py",
         "rng.choice(pos, len(pos)), rng.choice(neg, len(neg))",
         "rng.choice(pos, len(pos), replace=False), rng.choice(neg, len(neg), replace=False)",
         "stratified bootstrap resamples without replacement",
@@ -560,9 +560,9 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "compare-bootstrap-upper-percentile",
         "stats.py",
-        "np.percentile(row_pearson(xs, ys), [2.5, 97.5])",
-        "np.percentile(row_pearson(xs, ys), [2.5, 75])",
-        "upper interval bound at the 75th percentile",
+        "float(np.percentile(stats, 97.5))",
+        "float(np.percentile(stats, 75))",
+        "upper interval bound at the 75th percentile (every bootstrap interval)",
     ),
 )
 

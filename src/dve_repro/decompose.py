@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dve_repro import artifacts, ui
+from dve_repro import artifacts, torch_state, ui
 from dve_repro.capture import curvature_targets, hook_factors
 from dve_repro.config import (
     FITTED_PROJECTIONS,
@@ -183,40 +183,39 @@ def run_decomposition(cfg: Config, results: Path, curvatures: list[str], kinds: 
     from dve_repro.train import capture_blocks, run_training
     from dve_repro.tsloo import load_ground_truth, run_tsloo
 
-    if cfg.runtime.threads:  # speed only: small per-step products run fastest on one thread
-        torch.set_num_threads(cfg.runtime.threads)
-    for c in curvatures:
-        if c not in ("ef", "gn", "mc"):
-            raise DveError(f"--curvatures: {c!r} is not one of ef, gn, mc")
-    for k in kinds:
-        if k not in ("kronecker", "kfac", "pca", "gradcov"):
-            raise DveError(f"--kinds: {k!r} is not one of kronecker, kfac, pca, gradcov")
-    run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
-    jobs, truth = load_ground_truth(run_tsloo(cfg, run))
-    blocks = capture_blocks(run.task)
-    settings = settings_for(curvatures, kinds, sizes)
-    projectors = projectors_for(cfg, run, blocks, settings)
-    scores = cached_scores(cfg, run, blocks, settings, projectors)
-    names = {s: f"{s.curvature}|{s.projection}|{s.k_out}x{s.k_in}|{s.blocks}" for s in settings}
-    est = estimates(run, jobs, {names[s]: scores[s][:, None] for s in settings}, {})
-    summary = summarize(jobs, truth[:, :1], est, cfg.baselines.bootstrap, cfg.baselines.bootstrap_seed)
-    parts = summary["method"].str.split("|", expand=True)
-    p_dims = {names[s]: projectors[(s.projection, s.k_out, s.k_in)].out_dim for s in settings}
-    table = pd.DataFrame({
-        "curvature": parts[0], "projection": parts[1],
-        "k_out": [0 if k == "0x0" else int(k.split("x")[0]) for k in parts[2]],
-        "k_in": [0 if k == "0x0" else int(k.split("x")[1]) for k in parts[2]],
-        "p_tilde": summary["method"].map(p_dims), "blocks": parts[3],
-        **{c: summary[c] for c in ("setting", "convention", "n", "spearman", "spearman_lo", "spearman_hi",
-                                   "pearson", "pearson_lo", "pearson_hi")},
-    })
-    results.mkdir(parents=True, exist_ok=True)
-    artifacts.save_table(results / "decomposition.csv", table)
-    artifacts.write_text(results / "decomposition.md", _markdown(table, cfg, run))
-    _plot(table, results, projectors_for(cfg, run, blocks, [Setting("ef", "kronecker", cfg.projection.k_out,
-                                                                     cfg.projection.k_in, "full")]))
-    if command:
-        artifacts.write_text(results / "COMMAND.txt", command + "\n")
+    with torch_state.threads(cfg.runtime.threads):  # speed only: small per-step products run fastest on one thread
+        for c in curvatures:
+            if c not in ("ef", "gn", "mc"):
+                raise DveError(f"--curvatures: {c!r} is not one of ef, gn, mc")
+        for k in kinds:
+            if k not in ("kronecker", "kfac", "pca", "gradcov"):
+                raise DveError(f"--kinds: {k!r} is not one of kronecker, kfac, pca, gradcov")
+        run = TrainedRun.load(run_training(cfg), cfg.runtime.device)
+        jobs, truth = load_ground_truth(run_tsloo(cfg, run))
+        blocks = capture_blocks(run.task)
+        settings = settings_for(curvatures, kinds, sizes)
+        projectors = projectors_for(cfg, run, blocks, settings)
+        scores = cached_scores(cfg, run, blocks, settings, projectors)
+        names = {s: f"{s.curvature}|{s.projection}|{s.k_out}x{s.k_in}|{s.blocks}" for s in settings}
+        est = estimates(run, jobs, {names[s]: scores[s][:, None] for s in settings}, {})
+        summary = summarize(jobs, truth[:, :1], est, cfg.baselines.bootstrap, cfg.baselines.bootstrap_seed)
+        parts = summary["method"].str.split("|", expand=True)
+        p_dims = {names[s]: projectors[(s.projection, s.k_out, s.k_in)].out_dim for s in settings}
+        table = pd.DataFrame({
+            "curvature": parts[0], "projection": parts[1],
+            "k_out": [0 if k == "0x0" else int(k.split("x")[0]) for k in parts[2]],
+            "k_in": [0 if k == "0x0" else int(k.split("x")[1]) for k in parts[2]],
+            "p_tilde": summary["method"].map(p_dims), "blocks": parts[3],
+            **{c: summary[c] for c in ("setting", "convention", "n", "spearman", "spearman_lo", "spearman_hi",
+                                       "pearson", "pearson_lo", "pearson_hi")},
+        })
+        results.mkdir(parents=True, exist_ok=True)
+        artifacts.save_table(results / "decomposition.csv", table)
+        artifacts.write_text(results / "decomposition.md", _markdown(table, cfg, run))
+        _plot(table, results, projectors_for(cfg, run, blocks, [Setting("ef", "kronecker", cfg.projection.k_out,
+                                                                         cfg.projection.k_in, "full")]))
+        if command:
+            artifacts.write_text(results / "COMMAND.txt", command + "\n")
     return results
 
 

@@ -41,6 +41,7 @@ from dve_repro.config import Config, fingerprint, section, stage_payload, to_dic
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
 from dve_repro.self_influence import self_influence
+from dve_repro.stats import stratified_ci
 from dve_repro.tables import markdown_table
 
 
@@ -131,31 +132,13 @@ def found_at(values: np.ndarray, flipped: np.ndarray, fraction: float) -> float:
     )
 
 
-def bootstrap(
-    values: np.ndarray, flipped: np.ndarray, fn, n: int, seed: int
-) -> tuple[float, float]:
-    """95% percentile interval of ``fn`` over ``n`` stratified resamples (flipped and clean
-    points resampled separately, so every resample keeps the noise rate)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    flipped = np.asarray(flipped, dtype=bool)
-    pos, neg = np.flatnonzero(flipped), np.flatnonzero(~flipped)
-    rng = np.random.default_rng(seed)
-    lab = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
-    stats = [
-        fn(values[np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])], lab)
-        for _ in range(n)
-    ]
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
-
-
 def summarize(
     values: dict[str, np.ndarray], flipped: np.ndarray, n_boot: int, seed: int
 ) -> pd.DataFrame:
     rows = []
     for name, v in values.items():
-        a_lo, a_hi = bootstrap(v, flipped, auroc, n_boot, seed)
-        p_lo, p_hi = bootstrap(v, flipped, average_precision, n_boot, seed)
+        a_lo, a_hi = stratified_ci(v, flipped, auroc, n_boot, seed)
+        p_lo, p_hi = stratified_ci(v, flipped, average_precision, n_boot, seed)
         rows.append(
             {
                 "method": name,
@@ -513,6 +496,12 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
     artifacts.save_table(out / "auroc.csv", summary)
     artifacts.save_table(out / "epochs.csv", ep)
     head, *rest = title.splitlines()
+
+    def ci_table(frame: pd.DataFrame, keys: list[str], *columns: str) -> str:
+        """``frame``'s keys, AUROC and AP with their intervals, then ``columns`` as they are."""
+        return markdown_table(_with_ci(frame, keys).assign(**{c: frame[c] for c in columns}),
+                              formats=MD_FORMATS, nan="")
+
     md = [
         f"# {head}",
         "",
@@ -522,29 +511,14 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         f"({b.bootstrap} resamples). `found_at_10pct`: share of flipped labels among the lowest "
         f"{INSPECT:.0%} of values.",
         "",
-        markdown_table(
-            _with_ci(summary, ["dataset", "method"]).assign(
-                found_at_10pct=summary["found_at_10pct"],
-                value=summary["value"],
-                direction=summary["direction"],
-                note=summary["note"],
-            ),
-            formats=MD_FORMATS, nan="",
-        ),
+        ci_table(summary, ["dataset", "method"], "found_at_10pct", "value", "direction", "note"),
         f"## DVEmb of each epoch alone ({label})",
         "",
         "A point's embeddings within epoch e summed, scored on the clean validation loss at θ_T. "
         "`flipped_fitted`: share of flipped points the model predicts as their flipped label at "
         "the end of the epoch; `train_acc` is measured against the given (noisy) labels.",
         "",
-        markdown_table(
-            _with_ci(ep, ["dataset", "epoch"]).assign(
-                flipped_fitted=ep["flipped_fitted"],
-                train_acc=ep["train_acc"],
-                val_acc=ep["val_acc"],
-            ),
-            formats=MD_FORMATS, nan="",
-        ),
+        ci_table(ep, ["dataset", "epoch"], "flipped_fitted", "train_acc", "val_acc"),
     ]
     artifacts.write_text(out / "auroc.md", "\n".join(md))
     if figures:

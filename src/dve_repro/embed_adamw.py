@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from dve_repro import ui
 from dve_repro.embedding_adamw import AdamWStep, OpSum, algorithm1_adamw, algorithm2_adamw
 from dve_repro.errors import DveError
+from dve_repro.grads import per_sample_grads
 from dve_repro.optim import AdamWLinearization
 from dve_repro.projection import _seed
 from dve_repro.replay import TrainedRun, replay
@@ -344,7 +345,7 @@ class SubspaceFeaturizer:
         }
 
     def features(self, params: Tensors, x, y) -> torch.Tensor:
-        return self.sub.project(_per_sample_grads(self.task, params, x, y))
+        return self.sub.project(per_sample_grads(self.task.per_sample_loss, params, x, y))
 
 
 def check_fits(cfg, run: TrainedRun) -> None:
@@ -437,7 +438,7 @@ def _step_data(
     alpha, gamma, _ = lin.coefficients()
     mu = {k: -lin.a * lin.D[k] * lin.b1 for k in lin.D}
     kappa = {k: lin.a * lin.K[k] * lin.b2 for k in lin.K}
-    G = sub.project(_per_sample_grads(task, theta, x, y))
+    G = sub.project(per_sample_grads(task.per_sample_loss, theta, x, y))
     F = (
         None
         if curvature == "ef"
@@ -468,13 +469,6 @@ def _step_data(
     )
 
 
-def _per_sample_grads(task, theta: Tensors, x, y) -> Tensors:
-    def one(p, xi, yi):
-        return task.per_sample_loss(p, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
-
-    return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
-
-
 def _factor_grads(task, theta: Tensors, x, y, curvature: str, seed: int) -> Tensors:
     """Curvature factor rows f with H ≈ Σ f fᵀ / |B|: Gauss-Newton (C rows per point: the
     logits' Jacobian times the square root of diag p − p pᵀ) or Monte-Carlo Fisher (one
@@ -486,7 +480,7 @@ def _factor_grads(task, theta: Tensors, x, y, curvature: str, seed: int) -> Tens
         gen = torch.Generator().manual_seed(seed)
         labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=gen)
         labels = labels.view(probs.shape[:-1]).to(y.device)
-        return _per_sample_grads(task, theta, x, labels)
+        return per_sample_grads(task.per_sample_loss, theta, x, labels)
     # GN: for softmax cross-entropy, diag p − p pᵀ = S Sᵀ with S = diag(√p) − p √pᵀ (C columns)
     with torch.no_grad():
         probs = torch.softmax(task.logits(theta, x), dim=-1)  # [B, C]

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dve_repro import torch_state
 from dve_repro.errors import DveError
 
 Array = Any  # torch.Tensor | np.ndarray | np.memmap
@@ -269,13 +270,12 @@ def _deref(ref, mode: str = "r"):
 
 
 def _segment_job(g_ref, f_ref, out_ref, offs, ws, foffs, blocks, dtype, max_gb, threads):
-    if threads:
-        torch.set_num_threads(threads)
     out = None if out_ref is None else _deref(out_ref, "r+")
-    E, M = algorithm1(
-        _deref(g_ref), offs, ws, F=_deref(f_ref), f_offsets=foffs, blocks=blocks,
-        out=out, dtype=dtype, max_matrix_gb=max_gb,
-    )
+    with torch_state.threads(threads):
+        E, M = algorithm1(
+            _deref(g_ref), offs, ws, F=_deref(f_ref), f_offsets=foffs, blocks=blocks,
+            out=out, dtype=dtype, max_matrix_gb=max_gb,
+        )
     if isinstance(out, np.memmap):
         out.flush()
         return None, M

@@ -11,7 +11,8 @@ Engines
   and the output gradient ``b`` [B, S, d_out]; the per-sample gradient is
   ``Σ_s b_s a_sᵀ`` (summed over tokens S for sequences; S = 1 for vectors). One batched
   backward gives every sample's factors, so capture during training costs no extra pass.
-* ``func`` — ``torch.func.vmap(grad(loss of one sample))``: works for any model.
+* ``func`` — ``torch.func.vmap(grad(loss of one sample))`` (:func:`per_sample_grads`): works
+  for any model.
 
 Loss scaling, stated once: a training step minimises ``Σ_i w_i ℓ_i`` with ``w_i = 1/|B|``
 (mean loss), so the output gradient a hook sees is ``w_i ∂ℓ_i/∂out``; :class:`LinearFactorHooks`
@@ -190,21 +191,33 @@ def per_sample_grads_hooks(
     return factors_to_grads(hooks.factors(w), blocks)
 
 
-def per_sample_grads_func(
-    loss_fn: LossFn, params: dict, x: torch.Tensor, y: torch.Tensor, blocks: list[Block]
+def per_sample_grads(
+    loss_fn: LossFn, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """``torch.func`` engine: {block: [B, size]} for any model."""
+    """Each sample's own gradient ``∇_θ ℓ(θ, z_i)`` by ``vmap(grad(·))``, for any model.
+
+    ``loss_fn(params, x, y)`` returns the per-sample losses [B] of a batch; ``params`` is
+    {name: tensor of shape s}; ``x`` [B, ...] and ``y`` [B, ...] are the batch (sample i is
+    ``x[i]``, ``y[i]``, seen by ``loss_fn`` as a batch of one). Returns {name: [B, *s]}: row i
+    is the gradient of sample i's (unweighted) loss. Gradients flow only through ``params``."""
     from torch.func import grad, vmap
 
     def one(p, xi, yi):
         return loss_fn(p, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
 
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def per_sample_grads_func(
+    loss_fn: LossFn, params: dict, x: torch.Tensor, y: torch.Tensor, blocks: list[Block]
+) -> dict[str, torch.Tensor]:
+    """``torch.func`` engine: {block: [B, size]} for any model."""
     names = {n for b in blocks for n in b.params}
     detached = {k: v.detach() for k, v in params.items()}
     # Parameters outside the requested blocks are held fixed (closed over, not differentiated).
     fixed = {k: v for k, v in detached.items() if k not in names}
     free = {k: v for k, v in detached.items() if k in names}
-    grads = vmap(grad(lambda f, xi, yi: one({**fixed, **f}, xi, yi)), in_dims=(None, 0, 0))(free, x, y)
+    grads = per_sample_grads(lambda f, xb, yb: loss_fn({**fixed, **f}, xb, yb), free, x, y)
     return to_blocks(grads, blocks)
 
 

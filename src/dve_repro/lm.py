@@ -103,20 +103,21 @@ def build_gpt_neox(cfg: GPTNeoXModelConfig, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def lm_loss_per_sequence(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence: input_ids [B, L] → [B].
+def lm_loss_from_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence: logits [B, L, V], tokens y [B, L] → [B].
 
-    Position t predicts token t+1 (the shift HF applies with ``labels=input_ids``), so each
-    sequence averages L−1 token losses; the mean over B equals HF's batch loss. Logits in
-    half precision are upcast to float32 first.
+    The causal-LM loss of every stage (``Task.per_sample_loss`` of an LM task). Position t
+    predicts token t+1 (the shift HF applies with ``labels=input_ids``), so each sequence
+    averages L−1 token losses; the mean over B equals HF's batch loss. Logits in half
+    precision are upcast to float32 first.
     """
-    logits = model(input_ids=input_ids).logits  # [B, L, V]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    token_losses = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
-    )  # [B, L-1]
-    return token_losses.mean(dim=1)
+    # The last position has no target: it is masked (ignore_index) instead of slicing the
+    # logits, because a slice of the [B, L, V] logits costs a full-size copy forward and a
+    # zero-fill + copy backward (~25% of a tiny-LM step, V = 50,304).
+    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    tgt = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], dim=1)
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none", ignore_index=-100)
+    return tok.view(y.shape[0], -1).sum(dim=1) / (y.shape[1] - 1)
 
 
 def linear_layers(model: nn.Module, which: str = "all") -> tuple[list[tuple[str, nn.Linear]], str]:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from dve_repro import artifacts, ui
+from dve_repro import artifacts, torch_state, ui
 from dve_repro.config import FITTED_PROJECTIONS, Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import DveError
 from dve_repro.grads import Block
@@ -213,12 +213,8 @@ def top_directions(moment: torch.Tensor, k: int, n_random: int, seed: int) -> tu
         vecs = torch.zeros(k - n_random, moment.shape[0], dtype=torch.float64)
         vecs[torch.arange(k - n_random), order[: k - n_random]] = 1.0
     else:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)  # the basis must not depend on runtime.threads (it is checksummed)
-        try:
+        with torch_state.threads(1):  # the basis must not depend on runtime.threads (it is checksummed)
             vals, vecs = torch.linalg.eigh(moment.double())
-        finally:
-            torch.set_num_threads(before)
         vals, vecs = vals.flip(0), vecs.flip(1).T[: k - n_random]
         pivot = vecs.abs().argmax(dim=1, keepdim=True)
         vecs = vecs * torch.sign(vecs.gather(1, pivot))

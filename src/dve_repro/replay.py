@@ -13,15 +13,14 @@ update of step t is the full update minus exactly ``η_t/|B_t| ∇ℓ(θ_t, z_i)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dve_repro import artifacts
+from dve_repro import artifacts, torch_state
 from dve_repro.config import Config, from_dict
 from dve_repro.errors import ArtifactError, DveError
 from dve_repro.tasks import Task, build_task, resolve_device
@@ -156,9 +155,10 @@ def replay(
         raise DveError(f"cannot remove points from step {min(removals)} when replaying from step {start}")
     run.require_exact_replay()
     params, state = run.load_params(start)
-    torch.use_deterministic_algorithms(True)
     cfg, task, traj = run.cfg, run.task, run.traj
-    with _training_threads(run):
+    # CPU steps run with the thread count training used: ATen splits reductions by thread
+    # count, so another count changes the last bits (measured: 1e-17 after 4 float64 steps).
+    with torch_state.deterministic(), torch_state.threads(run.threads if run.device == "cpu" else None):
         for t in range(start, stop):
             x, y = task.batch(traj.batches[t])
             w = traj.weights(t, removals.get(t, ()), renormalize, dtype=task.weight_dtype, device=run.device)
@@ -166,18 +166,3 @@ def replay(
                 before_step(t, params, state) if with_state else before_step(t, params)
             params, state, _ = train_step(task, params, state, t, x, y, w, float(traj.lrs[t]), cfg)
     return params, state
-
-
-@contextlib.contextmanager
-def _training_threads(run: TrainedRun) -> Iterator[None]:
-    """Run CPU steps with the thread count training used: ATen splits reductions by thread
-    count, so another count changes the last bits (measured: 1e-17 after 4 float64 steps)."""
-    if run.device != "cpu" or run.threads <= 0 or run.threads == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(run.threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

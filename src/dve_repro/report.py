@@ -67,7 +67,7 @@ class Claim:
     paper: str
     folder: str  # under the results root: its COMMAND.txt and figures
     figures: tuple[str, ...]
-    judge: Callable[[Path], Finding]
+    judge: Callable[[Path], Finding]  # raises _Absent when a result file it reads is not there
     beyond: bool = False  # dve's own question, not a claim of the paper: no verdict column weight
 
 
@@ -75,15 +75,25 @@ def _table(df: pd.DataFrame, **kw) -> list[str]:
     return markdown_table(df, **kw).rstrip("\n").splitlines()
 
 
+class _Absent(Exception):
+    """A claim's result file is not there: :func:`judge_all` makes it "not run here"."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.finding = Finding("—", "not run here", f"{path.name} is absent from {path.parent}")
+
+
+def _require(*paths: Path) -> None:
+    """Raise :class:`_Absent` for the first of ``paths`` that does not exist."""
+    for p in paths:
+        if not p.exists():
+            raise _Absent(p)
+
+
 def _read(path: Path) -> pd.DataFrame:
+    """The committed table at ``path`` (absent: the claim is "not run here")."""
+    _require(path)
     return pd.read_csv(path)
-
-
-def _missing(*paths: Path) -> Finding | None:
-    gone = [p for p in paths if not p.exists()]
-    if gone:
-        return Finding("—", "not run here", f"{gone[0].name} is absent from {gone[0].parent}")
-    return None
 
 
 def _rho(summary: pd.DataFrame, method: str, setting: str) -> pd.Series | None:
@@ -106,8 +116,6 @@ def _paper_method(summary: pd.DataFrame) -> tuple[str, str]:
 def _e1(setting: str) -> Callable[[Path], Finding]:
     def judge(root: Path) -> Finding:
         path = root / "mnist_mlp" / "summary.csv"
-        if (gone := _missing(path)) is not None:
-            return gone
         s = _read(path)
         method, label = _paper_method(s)
         row = _rho(s, method, setting)
@@ -142,8 +150,7 @@ def _e1(setting: str) -> Callable[[Path], Finding]:
 
 def _e1_if(root: Path) -> Finding:
     summary, tidy = root / "mnist_mlp" / "summary.csv", root / "mnist_mlp" / "tidy.csv"
-    if (gone := _missing(summary, tidy)) is not None:
-        return gone
+    _require(summary, tidy)
     s, t = _read(summary), _read(tidy)
     method, _ = _paper_method(s)
     rows = {st: (_rho(s, "influence", st), _rho(s, method, st)) for st in ("single", "all")}
@@ -170,8 +177,6 @@ def _e1_if(root: Path) -> Finding:
 def _e3(folder: str) -> Callable[[Path], Finding]:
     def judge(root: Path) -> Finding:
         path = root / folder / "phases.csv"
-        if (gone := _missing(path)) is not None:
-            return gone
         p = _read(path)
         mean = p.groupby("region")["normalized"].mean()
         mag = p.assign(a=p.normalized.abs()).groupby("region")["a"].mean()
@@ -198,8 +203,6 @@ def _e3(folder: str) -> Callable[[Path], Finding]:
 
 def _e4(root: Path) -> Finding:
     path = root / "pythia_tiny" / "dynamics.csv"
-    if (gone := _missing(path)) is not None:
-        return gone
     d = _read(path)
     early = d[d.group == "early"].dropna(subset=["mean_influence"]).sort_values("checkpoint")
     if early.empty:
@@ -227,8 +230,6 @@ def _e5(folder: str, schedule: str) -> Callable[[Path], Finding]:
         from dve_repro.select_report import summary_table, verdicts
 
         path = root / folder / "selection.csv"
-        if (gone := _missing(path)) is not None:
-            return gone
         runs = _read(path)
         table = summary_table(runs)
         text = verdicts(table, int(runs.seed.nunique()))[schedule]
@@ -251,8 +252,6 @@ def _e5(folder: str, schedule: str) -> Callable[[Path], Finding]:
 
 def _e6(root: Path) -> Finding:
     path = root / "mnist_noise" / "auroc.csv"
-    if (gone := _missing(path)) is not None:
-        return gone
     a = _read(path)
     if not (a.method == "dvemb").any():
         return Finding("—", "not run here", f"{path} has no dvemb row")
@@ -318,8 +317,6 @@ def _t1(claim: str) -> Callable[[Path], Finding]:
 def _adamw(folder: str) -> Callable[[Path], Finding]:
     def judge(root: Path) -> Finding:
         path = root / folder / "summary.csv"
-        if (gone := _missing(path)) is not None:
-            return gone
         s = _read(path)
         setting = "single"
         names = [m for m in ("dvemb-sgd-proxy", "unrolled-adamw-hessian", "unrolled-adamw-gn", "unrolled-adamw-mc",
@@ -343,8 +340,6 @@ def _adamw(folder: str) -> Callable[[Path], Finding]:
 
 def _sgd_lm(root: Path) -> Finding:
     path = root / "pythia_tiny_sgd" / "summary.csv"
-    if (gone := _missing(path)) is not None:
-        return gone
     s = _read(path)
     names = [m for m in dict.fromkeys(s.method) if _rho(s, m, "single") is not None]
     rows = {m: _rho(s, m, "single") for m in names}
@@ -427,6 +422,8 @@ def judge_all(root: Path) -> list[tuple[Claim, Finding]]:
     for c in CLAIMS:
         try:
             f = c.judge(root)
+        except _Absent as absent:
+            f = absent.finding
         except (OSError, ValueError, KeyError, AttributeError) as exc:  # a damaged result file: say so
             f = Finding("—", "failed", f"cannot read its result files ({type(exc).__name__}: {exc}); rerun its "
                         "stage (`dve reproduce --only …`)")

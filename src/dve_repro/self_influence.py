@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
+from dve_repro.grads import per_sample_grads
 from dve_repro.replay import TrainedRun
 
 Tensors = dict[str, torch.Tensor]
@@ -25,15 +25,10 @@ def grad_sq_norms(run: TrainedRun, params: Tensors, chunk: int = 256) -> np.ndar
     gradients through ``torch.func``, ``chunk`` points at a time, any model)."""
     task = run.task
     detached = {k: v.detach() for k, v in params.items()}
-
-    def one(p, xi, yi):
-        return task.per_sample_loss(p, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
     out = []
     for s in range(0, task.n_train, chunk):
         x, y = task.batch(np.arange(s, min(s + chunk, task.n_train)))
-        g = per_sample(detached, x, y)
+        g = per_sample_grads(task.per_sample_loss, detached, x, y)
         out.append(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
     return torch.cat(out).double().cpu().numpy()
 

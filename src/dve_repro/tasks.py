@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from dve_repro.config import Config, ImageDataConfig, torch_dtype
+from dve_repro.lm import build_gpt_neox, corrupt_sequences, linear_layers, lm_loss_from_logits
 
 
 def logits_of(out) -> torch.Tensor:
@@ -79,14 +80,7 @@ class Task:
     def per_sample_loss_from_logits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.kind == "classify":
             return F.cross_entropy(logits, y, reduction="none")
-        # Causal LM: predict token s+1 from tokens ≤ s; y holds the targets [B, S]. The last
-        # position has no target: it is masked (ignore_index) instead of slicing the logits,
-        # because a slice of the [B, S, V] logits costs a full-size copy forward and a
-        # zero-fill + copy backward (~25% of a tiny-LM step, V = 50,304).
-        lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        tgt = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], dim=1)
-        tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none", ignore_index=-100)
-        return tok.view(y.shape[0], -1).sum(dim=1) / (y.shape[1] - 1)
+        return lm_loss_from_logits(logits, y)  # causal LM: y holds the tokens [B, S]
 
     @torch.no_grad()
     def evaluate(self, params: dict, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> tuple[float, float]:
@@ -143,7 +137,6 @@ def build_task(cfg: Config, device: str = "cpu") -> Task:
 def build_lm_task(cfg: Config, device: str = "cpu") -> Task:
     """The language-model :class:`Task`: packed sequences (targets = inputs, shifted inside
     the loss), a GPT-NeoX at θ_0 (``lm.py`` builds it), and the linear layers DVEmb captures."""
-    from dve_repro.lm import build_gpt_neox, corrupt_sequences, linear_layers
     from dve_repro.text import load_text
 
     data = load_text(cfg.data, vocab_size=cfg.model.vocab_size, mapped=True)

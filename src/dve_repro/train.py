@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dve_repro import artifacts, distributed, ui
+from dve_repro import artifacts, distributed, torch_state, ui
 from dve_repro.config import Config, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, ConfigError
 from dve_repro.grads import LinearFactorHooks
@@ -132,17 +132,15 @@ def run_training(cfg: Config, force: bool = False) -> Path:
         if run.reusable(force):
             ui.log(f"reusing finished training run {run.final}")  # reused as is: nothing rewritten
             return run.final
-        torch.use_deterministic_algorithms(True)
-        if cfg.runtime.threads:
-            torch.set_num_threads(cfg.runtime.threads)
-        task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
-        plan = plan_batches(task.n_train, cfg.train)
-        check_training(cfg, task, plan, device)
-        from dve_repro.select import make_selector
+        with torch_state.deterministic(), torch_state.threads(cfg.runtime.threads):
+            task = build_task(cfg, device)  # before the folder is touched: bad data leaves no trace
+            plan = plan_batches(task.n_train, cfg.train)
+            check_training(cfg, task, plan, device)
+            from dve_repro.select import make_selector
 
-        selector = make_selector(cfg, task, len(plan))  # refuses bad windows / splits before any write
-        run.prepare(to_dict(cfg), device, force=force)
-        _train(cfg, run, task, plan, device, selector)
+            selector = make_selector(cfg, task, len(plan))  # refuses bad windows / splits before any write
+            run.prepare(to_dict(cfg), device, force=force)
+            _train(cfg, run, task, plan, device, selector)
     return run.final
 
 
@@ -160,7 +158,7 @@ def _run_training_ranks(cfg: Config, ctx: distributed.Context, device: str, forc
             stack.enter_context(run.locked())
             if run.reusable(force):
                 return True, str(run.path)
-            torch.use_deterministic_algorithms(True)
+            stack.enter_context(torch_state.deterministic())
             built["task"] = task = build_task(cfg, device)
             built["plan"] = plan = plan_batches(task.n_train, cfg.train)
             check_training(cfg, task, plan, device)
@@ -172,12 +170,11 @@ def _run_training_ranks(cfg: Config, ctx: distributed.Context, device: str, forc
             ui.log(f"reusing finished training run {run.final}")
             return run.final
         if not ctx.is_main:
-            torch.use_deterministic_algorithms(True)
+            stack.enter_context(torch_state.deterministic())
             run.path = Path(path)  # rank 0's folder (a staging folder when it rebuilds one)
             built["task"] = task = build_task(cfg, device)
             built["plan"] = plan_batches(task.n_train, cfg.train)
-        if cfg.runtime.threads:
-            torch.set_num_threads(cfg.runtime.threads)
+        stack.enter_context(torch_state.threads(cfg.runtime.threads))
         _train(cfg, run, built["task"], built["plan"], device, None, ctx)
     return run.final
 

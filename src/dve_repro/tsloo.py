@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dve_repro import artifacts, ui
+from dve_repro import artifacts, torch_state, ui
 from dve_repro.config import Config, OptimConfig, fingerprint, stage_payload, to_dict
 from dve_repro.errors import ArtifactError, DveError
 from dve_repro.models import MLP
@@ -321,7 +321,15 @@ def chunks_of(jobs: list[Job], size: int) -> list[list[int]]:
 
 
 def run_tsloo(cfg: Config, run: TrainedRun, force: bool = False, shard: str | None = None) -> Path:
-    """Measure TSLOO for the configured points (resumable, shardable). Returns its directory."""
+    """Measure TSLOO for the configured points (resumable, shardable). Returns its directory.
+
+    Deterministic algorithms for the whole measurement (restored after), as training and replay
+    use: on a GPU the retrained copies must be as reproducible as the run they are compared to."""
+    with torch_state.deterministic():
+        return _run_tsloo(cfg, run, force, shard)
+
+
+def _run_tsloo(cfg: Config, run: TrainedRun, force: bool, shard: str | None) -> Path:
     si, sn = parse_shard(shard)
     tc = cfg.tsloo
     payload = stage_payload(cfg, "tsloo")
@@ -411,10 +419,10 @@ _WORKER_RUN: dict[str, TrainedRun] = {}
 
 
 def _worker_chunk(path: str, device: str, chunk: list[Job], dtype: str) -> np.ndarray:
-    torch.set_num_threads(1)
-    if path not in _WORKER_RUN:
-        _WORKER_RUN[path] = TrainedRun.load(path, device)
-    return batched_delta(_WORKER_RUN[path], chunk, getattr(torch, dtype.split(".")[-1]))
+    with torch_state.threads(1):
+        if path not in _WORKER_RUN:
+            _WORKER_RUN[path] = TrainedRun.load(path, device)
+        return batched_delta(_WORKER_RUN[path], chunk, getattr(torch, dtype.split(".")[-1]))
 
 
 def merge_shards(path: Path, n_jobs: int, n_val: int) -> bool:

@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from dve_repro import ui
 from dve_repro.errors import DveError
-from dve_repro.grads import quiet_forward_ad
+from dve_repro.grads import per_sample_grads, quiet_forward_ad
 from dve_repro.replay import TrainedRun, replay
 from dve_repro.tasks import logits_of, mc_step_seed
 
@@ -43,11 +43,7 @@ def query_gradients(run: TrainedRun, params: Tensors, x: torch.Tensor, y: torch.
     """Stacked query gradients {param: [Q, ...]}: row 0 the mean loss over all of (x, y) when
     ``mean_first``, then one row per point."""
     task = run.task
-
-    def one(p, xi, yi):
-        return task.per_sample_loss(p, xi.unsqueeze(0), yi.unsqueeze(0)).sum()
-
-    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    per = per_sample_grads(task.per_sample_loss, params, x, y)
     if not mean_first:
         return per
     mean = grad(lambda p: task.per_sample_loss(p, x, y).mean())(params)

@@ -16,10 +16,11 @@ from sklearn import metrics
 
 from dve_repro.config import compose
 from dve_repro.data import _read_cifar_batches, load_image_data
-from dve_repro.detect import auroc, average_precision, bootstrap, found_at, found_curve, run_detect
+from dve_repro.detect import auroc, average_precision, found_at, found_curve, run_detect
 from dve_repro.errors import DveError
 from dve_repro.replay import TrainedRun
 from dve_repro.self_influence import grad_sq_norms, self_influence
+from dve_repro.stats import stratified_ci
 from dve_repro.train import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,8 +213,8 @@ def test_metrics_on_hand_cases():
     assert found_at(best, flipped, 0.2) == 0.5 and found_at(-best, flipped, 0.4) == 0.0
     values = np.random.default_rng(1).normal(size=200) - np.r_[np.ones(20), np.zeros(180)]
     lab = np.r_[np.ones(20, bool), np.zeros(180, bool)]
-    lo, hi = bootstrap(values, lab, auroc, 200, seed=0)
-    assert lo <= auroc(values, lab) <= hi and (lo, hi) == bootstrap(values, lab, auroc, 200, seed=0)
+    lo, hi = stratified_ci(values, lab, auroc, 200, seed=0)
+    assert lo <= auroc(values, lab) <= hi and (lo, hi) == stratified_ci(values, lab, auroc, 200, seed=0)
 
 
 # --------------------------------------------------------------------------- self-influence

@@ -16,7 +16,7 @@ from dve_repro.lm import (
     build_gpt_neox,
     count_parameters,
     linear_layers,
-    lm_loss_per_sequence,
+    lm_loss_from_logits,
 )
 
 MODEL_DIR = config_mod.config_dir() / "model"
@@ -58,7 +58,7 @@ def test_tiny_model_builds_and_trains_one_step(tiny):
     assert tiny.gpt_neox.layers[0].attention.rotary_ndims == 4  # 25% of the 16 head dims
     assert tiny.lm_head.weight.data_ptr() != tiny.gpt_neox.embed_in.weight.data_ptr()  # untied
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    losses = lm_loss_per_sequence(tiny, ids)
+    losses = lm_loss_from_logits(tiny(input_ids=ids).logits, ids)
     assert losses.shape == (2,)
     assert torch.allclose(losses.mean(), tiny(input_ids=ids, labels=ids).loss, atol=1e-6)
     assert abs(losses.mean().item() - torch.log(torch.tensor(cfg.vocab_size)).item()) < 0.5
@@ -69,8 +69,9 @@ def test_tiny_model_builds_and_trains_one_step(tiny):
 
 def test_loss_per_sequence_is_per_sequence(tiny):
     ids = torch.randint(0, 50304, (3, 12), generator=torch.Generator().manual_seed(1))
-    batch = lm_loss_per_sequence(tiny, ids)
-    one = torch.stack([lm_loss_per_sequence(tiny, ids[i : i + 1])[0] for i in range(3)])
+    batch = lm_loss_from_logits(tiny(input_ids=ids).logits, ids)
+    one = torch.stack([lm_loss_from_logits(tiny(input_ids=ids[i : i + 1]).logits, ids[i : i + 1])[0]
+                       for i in range(3)])
     assert torch.allclose(batch, one, atol=1e-5)
 
 

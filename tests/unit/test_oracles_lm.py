@@ -5,15 +5,20 @@ language model, −log softmax at the label for classifiers (float64)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from oracle_runs import classifier_task, lm_task
-
-from dve_repro.lm import lm_loss_per_sequence
 
 # Same float64 log-softmax, different reduction order: ~1e-16 measured.
 LOSS_RTOL = 1e-12
 # Hugging Face's causal-LM loss casts the logits to float32 first (transformers'
 # ForCausalLMLoss: ``logits.float()``), so it matches to float32 precision only.
 HF_RTOL = 1e-6
+
+
+def sliced_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Independent float64 definition: the logits of positions 0…L−2 against tokens 1…L−1,
+    averaged per sequence (a slice, where the package masks the last position)."""
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(dim=1)
 
 
 def test_lm_task_loss_equals_hugging_face_labels_loss():
@@ -27,7 +32,7 @@ def test_lm_task_loss_equals_hugging_face_labels_loss():
         hf_each = torch.stack(
             [task.model(input_ids=x[i : i + 1], labels=x[i : i + 1]).loss for i in range(5)]
         )
-        lm_each = lm_loss_per_sequence(task.model, x)
+        lm_each = sliced_lm_loss(task.model(input_ids=x).logits, x)
     torch.testing.assert_close(ours.mean().float(), hf_batch, rtol=HF_RTOL, atol=0)
     torch.testing.assert_close(ours.float(), hf_each, rtol=HF_RTOL, atol=0)
     torch.testing.assert_close(ours, lm_each, rtol=LOSS_RTOL, atol=0)
