@@ -427,38 +427,30 @@ app.add_typer(analyze_app, name="analyze")
 _COMPUTE_HELP = "Train and embed when missing (default); --no-compute gives a one-line error naming the command."
 
 
-@analyze_app.command("phases", help="E3 (paper Fig. 1a): per training step, the mean influence of its batch on "
-                     "the final validation loss divided by η_t, with warm-up / basin / late regions and their "
-                     "ratios → phases.{csv,md,png,pdf}. " + OVERRIDE_HELP)
-@guarded
-def analyze_phases(
-    overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
-    compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
-) -> None:
-    from dve_repro.analyze import run_phases
+def _analysis(name: str, help: str) -> None:
+    """Register ``dve analyze <name>`` → ``dve_repro.analyze.run_<name>``; both analyses take the
+    same overrides and options."""
 
-    cfg = _setup(overrides or [])
-    out = _results(cfg, overrides, results, "phases")
-    typer.echo(str(run_phases(cfg, overrides or [], out, compute=compute,
-                               command=command_line("analyze phases", overrides))))
+    def command(
+        overrides: list[str] = OverridesArg,
+        results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
+        compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
+    ) -> None:
+        from dve_repro import analyze
+
+        cfg = _setup(overrides or [])
+        out = _results(cfg, overrides, results, name)
+        typer.echo(str(getattr(analyze, f"run_{name}")(cfg, overrides or [], out, compute=compute,
+                                                       command=command_line(f"analyze {name}", overrides))))
+
+    command.__name__ = f"analyze_{name}"
+    analyze_app.command(name, help=help + " " + OVERRIDE_HELP)(guarded(command))
 
 
-@analyze_app.command("dynamics", help="E4 (paper Fig. 4): influence of the early / middle / late thirds of training "
-                     "points on every segment-boundary checkpoint, from Algorithm 2 (embed.algorithm=2) → "
-                     "dynamics.{csv,png,pdf}. " + OVERRIDE_HELP)
-@guarded
-def analyze_dynamics(
-    overrides: list[str] = OverridesArg,
-    results: Path = typer.Option(None, "--results", help=RESULTS_HELP),
-    compute: bool = typer.Option(True, "--compute/--no-compute", help=_COMPUTE_HELP),
-) -> None:
-    from dve_repro.analyze import run_dynamics
-
-    cfg = _setup(overrides or [])
-    out = _results(cfg, overrides, results, "dynamics")
-    typer.echo(str(run_dynamics(cfg, overrides or [], out, compute=compute,
-                                 command=command_line("analyze dynamics", overrides))))
+_analysis("phases", "E3 (paper Fig. 1a): per training step, the mean influence of its batch on the final validation "
+          "loss divided by η_t, with warm-up / basin / late regions and their ratios → phases.{csv,md,png,pdf}.")
+_analysis("dynamics", "E4 (paper Fig. 4): influence of the early / middle / late thirds of training points on every "
+          "segment-boundary checkpoint, from Algorithm 2 (embed.algorithm=2) → dynamics.{csv,png,pdf}.")
 
 
 @app.command(help="Every experiment this machine can run, one stage after another (E1, E1 with AdamW, E6, E3, E4, "

@@ -517,6 +517,20 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _positive(obj: Any, section: str, *names: str) -> None:
+    """Each of ``obj``'s fields ``names`` is > 0 (message names ``section.name``)."""
+    for name in names:
+        v = getattr(obj, name)
+        _check(v > 0, f"{section}.{name} must be > 0 (got {v})")
+
+
+def _non_negative(obj: Any, section: str, *names: str) -> None:
+    """Each of ``obj``'s fields ``names`` is >= 0."""
+    for name in names:
+        v = getattr(obj, name)
+        _check(v >= 0, f"{section}.{name} must be >= 0 (got {v})")
+
+
 def _one_of(value: Any, choices: tuple, key: str) -> None:
     _check(value in choices, f"{key} must be one of {list(choices)} (got {value!r})")
 
@@ -551,18 +565,17 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg, "")
     d, m, o, s, t = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.train
     if isinstance(d, ImageDataConfig):
-        _check(d.n_train > 0, f"data.n_train must be > 0 (got {d.n_train})")
-        _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
-        _check(d.n_test >= 0, f"data.n_test must be >= 0 (got {d.n_test})")
+        _positive(d, "data", "n_train", "n_val")
+        _non_negative(d, "data", "n_test")
         _check(
             0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1) (got {d.label_noise})"
         )
     else:
         _check(d.seq_len > 1, f"data.seq_len must be > 1 (got {d.seq_len})")
         _check(0.0 < d.fraction <= 1.0, f"data.fraction must be in (0, 1] (got {d.fraction})")
-        _check(d.n_train >= 0, f"data.n_train must be >= 0 (got {d.n_train})")
-        _check(d.n_val > 0, f"data.n_val must be > 0 (got {d.n_val})")
-        _check(d.max_docs >= 0, f"data.max_docs must be >= 0 (got {d.max_docs})")
+        _non_negative(d, "data", "n_train")
+        _positive(d, "data", "n_val")
+        _non_negative(d, "data", "max_docs")
         _check(0.0 <= d.corrupt_fraction < 1.0, f"data.corrupt_fraction must be in [0, 1) (got {d.corrupt_fraction})")
         _check(
             0.0 < d.val_docs_fraction < 1.0,
@@ -577,45 +590,40 @@ def validate(cfg: Config) -> None:
             f"data.seq_len={d.seq_len} is above the model's context "
             f"model.max_position_embeddings={m.max_position_embeddings}",
         )
-    _check(o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
+    _positive(o, "optim", "lr")
     _check(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1) (got {o.momentum})")
-    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
-    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (got {o.grad_clip})")
+    _non_negative(o, "optim", "weight_decay", "grad_clip")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1) (got {o.betas})")
-    _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0 (got {s.warmup_steps})")
+    _non_negative(s, "schedule", "warmup_steps")
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1] (got {s.min_lr_ratio})")
-    _check(t.epochs > 0, f"train.epochs must be > 0 (got {t.epochs})")
-    _check(t.batch_size > 0, f"train.batch_size must be > 0 (got {t.batch_size})")
-    _check(t.max_steps >= 0, f"train.max_steps must be >= 0 (got {t.max_steps})")
+    _positive(t, "train", "epochs", "batch_size")
+    _non_negative(t, "train", "max_steps")
     tr = cfg.trajectory
-    _check(tr.checkpoint_every >= 0, f"trajectory.checkpoint_every must be >= 0 (got {tr.checkpoint_every})")
-    _check(tr.dense_every > 0, f"trajectory.dense_every must be > 0 (got {tr.dense_every})")
+    _non_negative(tr, "trajectory", "checkpoint_every")
+    _positive(tr, "trajectory", "dense_every")
     p = cfg.projection
-    _check(p.fit_steps >= 0, f"projection.fit_steps must be >= 0 (got {p.fit_steps})")
+    _non_negative(p, "projection", "fit_steps")
     _check(0.0 <= p.random_fraction <= 1.0, f"projection.random_fraction must be in [0, 1] (got {p.random_fraction})")
     _check(not (p.kind in FITTED_PROJECTIONS and tr.capture),
            f"projection.kind={p.kind} is fitted from the recorded run, so it cannot exist while training "
            "captures gradients; set trajectory.capture=false (dve embed then captures by replay)")
-    _check(p.dim > 0, f"projection.dim must be > 0 (got {p.dim})")
+    _positive(p, "projection", "dim")
     _check(p.k_in > 0 and p.k_out > 0, f"projection.k_in and projection.k_out must be > 0 (got {p.k_in}, {p.k_out})")
-    _check(p.chunk_size > 0, f"projection.chunk_size must be > 0 (got {p.chunk_size})")
+    _positive(p, "projection", "chunk_size")
     e = cfg.embed
-    _check(e.mc_samples > 0, f"embed.mc_samples must be > 0 (got {e.mc_samples})")
-    _check(e.segments > 0, f"embed.segments must be > 0 (got {e.segments})")
-    _check(e.workers >= 0, f"embed.workers must be >= 0 (got {e.workers})")
-    _check(e.chunk_steps > 0, f"embed.chunk_steps must be > 0 (got {e.chunk_steps})")
+    _positive(e, "embed", "mc_samples", "segments")
+    _non_negative(e, "embed", "workers")
+    _positive(e, "embed", "chunk_steps")
     ts = cfg.tsloo
-    _check(ts.n_points > 0, f"tsloo.n_points must be > 0 (got {ts.n_points})")
-    _check(ts.chunk_size > 0, f"tsloo.chunk_size must be > 0 (got {ts.chunk_size})")
-    _check(ts.workers >= 0, f"tsloo.workers must be >= 0 (got {ts.workers})")
+    _positive(ts, "tsloo", "n_points", "chunk_size")
+    _non_negative(ts, "tsloo", "workers")
     b = cfg.baselines
-    _check(b.if_damping >= 0, f"baselines.if_damping must be >= 0 (got {b.if_damping})")
-    _check(b.cg_iters > 0, f"baselines.cg_iters must be > 0 (got {b.cg_iters})")
-    _check(b.bootstrap >= 0, f"baselines.bootstrap must be >= 0 (got {b.bootstrap})")
-    _check(b.val_points >= 0, f"baselines.val_points must be >= 0 (got {b.val_points})")
+    _non_negative(b, "baselines", "if_damping")
+    _positive(b, "baselines", "cg_iters")
+    _non_negative(b, "baselines", "bootstrap", "val_points")
     _validate_select(cfg)
     r = cfg.runtime
-    _check(r.threads >= 0, f"runtime.threads must be >= 0 (got {r.threads})")
+    _non_negative(r, "runtime", "threads")
     _validate_seeds(cfg)
     _validate_shapes(cfg)
     _validate_memory(cfg)

@@ -403,16 +403,7 @@ def run_detect(
             "dve detect-mislabeled experiment=mnist_noise"
         ) from None
     run = TrainedRun.load(train_path, cfg.runtime.device)
-    labels = artifacts.read_json(train_path / "labels.json")
-    n = run.task.n_train
-    noisy = np.asarray(labels["noisy_indices"], dtype=np.int64)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[noisy] = True
-    given = run.task.y_train.cpu().numpy()
-    true = given.copy()
-    true[noisy] = labels["true_labels"]
-    if np.any(true[noisy] == given[noisy]):
-        raise DveError(f"labels.json of {train_path} names points whose label was not changed")
+    flipped, given, true = _noisy_labels(run, train_path)
 
     embed_path = run_embedding(cfg, run)
     path, payload = detect_dir(cfg)
@@ -428,12 +419,62 @@ def run_detect(
         lock.release()
 
 
+def _noisy_labels(run: TrainedRun, train_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From the run's labels.json: which points were flipped [n] (bool), the labels trained on
+    [n] and the true ones [n]; refuses a record naming a point whose label did not change."""
+    labels = artifacts.read_json(train_path / "labels.json")
+    noisy = np.asarray(labels["noisy_indices"], dtype=np.int64)
+    flipped = np.zeros(run.task.n_train, dtype=bool)
+    flipped[noisy] = True
+    given = run.task.y_train.cpu().numpy()
+    true = given.copy()
+    true[noisy] = labels["true_labels"]
+    if np.any(true[noisy] == given[noisy]):
+        raise DveError(f"labels.json of {train_path} names points whose label was not changed")
+    return flipped, given, true
+
+
 def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_dir, command, figures) -> Path:
+    """Every method's values → the method and per-epoch tables, values.csv, auroc.md, figures."""
     n = run.task.n_train
     values, timings, notes = method_values(cfg, run, embed_path, rd.path)
     epochs, per_epoch = epoch_values(embed_path, n)
-
     label = dataset_label(cfg)
+    summary = _method_table(cfg, run, values, notes, flipped, label)
+    ep = _epoch_table(cfg, run, train_path, epochs, per_epoch, flipped, label)
+    embed_meta = artifacts.read_json(embed_path / "embedding.json")
+    title = "\n".join(
+        [
+            f"E6 mislabeled-data detection — {label}",
+            f"{run.task.description}; n={n}, {int(flipped.sum())} flipped, "
+            f"{run.task.x_val.shape[0]} clean validation points",
+            f"dvemb = {embed_meta['estimator']}, p̃={embed_meta['p_tilde']}; lower value = more suspicious",
+        ]
+    )
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_values(out / "values.csv", values, epochs, per_epoch, flipped, given, true)
+    artifacts.save_table(out / "auroc.csv", summary)
+    artifacts.save_table(out / "epochs.csv", ep)
+    artifacts.write_text(out / "auroc.md", _markdown(summary, ep, title, flipped, cfg.baselines.bootstrap, label))
+    if figures:
+        plot_detection(values, flipped, summary, out, title)
+        plot_epochs(
+            ep,
+            float(summary.set_index("method").loc["dvemb", "auroc"]),
+            out,
+            f"E6 — {label}: DVEmb AUROC from each epoch alone",
+        )
+    if command:
+        artifacts.write_text(out / "COMMAND.txt", command + "\n")
+    rd.mark_done({"results": str(out), "timings": timings})
+    ui.log(f"detection results -> {out}")
+    return out
+
+
+def _method_table(cfg, run, values: dict, notes: dict, flipped: np.ndarray, label: str) -> pd.DataFrame:
+    """One row per method: AUROC / AP with stratified intervals, found_at_10pct, what its value
+    is and which way is suspicious."""
     b = cfg.baselines
     summary = summarize(values, flipped, b.bootstrap, b.bootstrap_seed)
     info = {m.name: m for m in METHODS}
@@ -444,11 +485,18 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
     # run folder keeps them), and a committed table must not change when the code does not
     summary["note"] = [notes.get(m, "") for m in summary["method"]]
     summary["n_train"], summary["n_flipped"], summary["n_val"] = (
-        n,
+        run.task.n_train,
         int(flipped.sum()),
         int(run.task.x_val.shape[0]),
     )
+    return summary
 
+
+def _epoch_table(cfg, run, train_path: Path, epochs, per_epoch: np.ndarray, flipped: np.ndarray,
+                 label: str) -> pd.DataFrame:
+    """One row per epoch: AUROC / AP of that epoch's embeddings alone, the share of flipped
+    points fitted to their flipped label at its end, and the epoch's accuracies."""
+    b = cfg.baselines
     metrics = artifacts.load_table(train_path / "metrics.csv").set_index("epoch")
     ep = summarize(
         {str(e): per_epoch[:, j] for j, e in enumerate(epochs)},
@@ -466,22 +514,14 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         float(metrics.loc[e, "val_acc"]) if e in metrics.index else np.nan for e in epochs
     ]
     ep.insert(0, "dataset", label)
+    return ep
 
-    embed_meta = artifacts.read_json(embed_path / "embedding.json")
-    title = "\n".join(
-        [
-            f"E6 mislabeled-data detection — {label}",
-            f"{run.task.description}; n={n}, {int(flipped.sum())} flipped, "
-            f"{run.task.x_val.shape[0]} clean validation points",
-            f"dvemb = {embed_meta['estimator']}, p̃={embed_meta['p_tilde']}; lower value = more suspicious",
-        ]
-    )
 
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_values(path: Path, values: dict, epochs, per_epoch, flipped, given, true) -> None:
+    """values.csv: per training point its labels and every method's value (and each epoch's)."""
     table = pd.DataFrame(
         {
-            "index": np.arange(n),
+            "index": np.arange(len(flipped)),
             "flipped": flipped.astype(int),
             "given_label": given,
             "true_label": true,
@@ -491,10 +531,13 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         table[name] = v
     for j, e in enumerate(epochs):
         table[f"dvemb_epoch_{e}"] = per_epoch[:, j]
-    with artifacts.atomic_path(out / "values.csv") as tmp:
+    with artifacts.atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.8g")
-    artifacts.save_table(out / "auroc.csv", summary)
-    artifacts.save_table(out / "epochs.csv", ep)
+
+
+def _markdown(summary: pd.DataFrame, ep: pd.DataFrame, title: str, flipped: np.ndarray, n_boot: int,
+              label: str) -> str:
+    """auroc.md: the method table, then the per-epoch table, each with its reading notes."""
     head, *rest = title.splitlines()
 
     def ci_table(frame: pd.DataFrame, keys: list[str], *columns: str) -> str:
@@ -508,7 +551,7 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         "Data: " + rest[0] + ".",
         "Method: " + rest[1] + ".",
         f"Random ranking: AUROC 0.5, AP {flipped.mean():.3f}. Intervals: stratified bootstrap "
-        f"({b.bootstrap} resamples). `found_at_10pct`: share of flipped labels among the lowest "
+        f"({n_boot} resamples). `found_at_10pct`: share of flipped labels among the lowest "
         f"{INSPECT:.0%} of values.",
         "",
         ci_table(summary, ["dataset", "method"], "found_at_10pct", "value", "direction", "note"),
@@ -520,17 +563,4 @@ def _detect(cfg, run, rd, train_path, embed_path, flipped, given, true, results_
         "",
         ci_table(ep, ["dataset", "epoch"], "flipped_fitted", "train_acc", "val_acc"),
     ]
-    artifacts.write_text(out / "auroc.md", "\n".join(md))
-    if figures:
-        plot_detection(values, flipped, summary, out, title)
-        plot_epochs(
-            ep,
-            float(summary.set_index("method").loc["dvemb", "auroc"]),
-            out,
-            f"E6 — {label}: DVEmb AUROC from each epoch alone",
-        )
-    if command:
-        artifacts.write_text(out / "COMMAND.txt", command + "\n")
-    rd.mark_done({"results": str(out), "timings": timings})
-    ui.log(f"detection results -> {out}")
-    return out
+    return "\n".join(md)
