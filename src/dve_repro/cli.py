@@ -453,7 +453,7 @@ _analysis("dynamics", "E4 (paper Fig. 4): influence of the early / middle / late
           "segment-boundary checkpoint, from Algorithm 2 (embed.algorithm=2) → dynamics.{csv,png,pdf}.")
 
 
-@app.command(help="Every experiment this machine can run, one stage after another (E1, E1 with AdamW, E6, E3, E4, "
+@app.command(help="Every experiment this machine can run, --jobs stages at a time, each on one torch thread (E1, E1 with AdamW, E6, E3, E4, "
              "the LM fidelity checks, E5, the CPU rows of Table 1), reusing finished work; one line per stage with "
              "its time; then `dve report`. A failed stage does not stop the others (exit 1 at the end).")
 @guarded
