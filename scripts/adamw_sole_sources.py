@@ -61,6 +61,9 @@ def run(overrides: list[str], results: Path | None) -> Path:
     from dve_repro.tsloo import tsloo_dir
 
     cfg = compose(overrides)
+    if cfg.model.name != "gpt_neox":
+        raise DveError(f"the split is by token rows of a language model's embedding; {cfg.name} trains "
+                       f"model.name={cfg.model.name} (use experiment=pythia_tiny_adamw)")
     results = results or Path("results") / cfg.name
     tidy_path, gt = results / "tidy.csv", tsloo_dir(cfg)
     if not tidy_path.is_file() or not (gt / artifacts.DONE).is_file():
