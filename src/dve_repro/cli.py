@@ -110,6 +110,9 @@ def guarded(fn):
             raise typer.Exit(EXIT_USER_ERROR) from None
         except (typer.Exit, SystemExit):
             raise
+        except BrokenPipeError:  # `dve … | head`: the reader left; stop quietly with 128+SIGPIPE, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except OSError as exc:
             if _debug():
                 raise
