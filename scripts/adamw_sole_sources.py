@@ -35,7 +35,9 @@ def sole_sources(tokens: np.ndarray, batches: list[np.ndarray], index: int, step
                  wanted: set[int]) -> list[int]:
     """Tokens of sequence ``index`` [row of ``tokens`` (N, L)] in ``wanted`` whose embedding row
     has no gradient from any other sequence at ``step`` (in ``batches[step]``) nor from any
-    sequence at an earlier step: removing ``index`` there removes the row's whole update."""
+    sequence at an earlier step: removing ``index`` there removes the row's whole update.
+    Conservative: a token that another sequence holds only in its last position (an input
+    with no prediction after it, so no gradient) still counts as fed by that sequence."""
     before = {int(t) for s in range(step) for i in batches[s] for t in tokens[int(i)]}
     others = {int(t) for i in batches[step] if int(i) != index for t in tokens[int(i)]}
     return sorted(int(t) for t in set(tokens[index].tolist()) if t in wanted and t not in before | others)

@@ -96,7 +96,7 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         from dve_repro import artifacts
 
-        artifacts.record_invocation(command_line(fn.__name__.replace("_", "-"), None))
+        artifacts.record_invocation(_invocation(fn.__name__))
         try:
             return fn(*args, **kwargs)
         except DveError as exc:
@@ -129,6 +129,15 @@ def guarded(fn):
             raise typer.Exit(EXIT_INTERNAL_ERROR) from None
 
     return wrapper
+
+
+def _invocation(function: str) -> str:
+    """The command line of this process for its run folders' records: ``dve`` + the arguments
+    when it is the ``dve`` program, else (``CliRunner``, a notebook) the command function called."""
+    argv = sys.argv
+    if len(argv) > 1 and Path(argv[0]).name in ("dve", "__main__.py"):
+        return " ".join(["dve", *argv[1:]])
+    return f"dve command function {function}() called in-process"
 
 
 def _debug() -> bool:

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -431,15 +432,9 @@ def _omega_hint(hint: Any) -> Any:
     """The type OmegaConf checks for a field: a choice (``Literal``) is checked as the type of
     its values (:func:`validate` checks the choice itself, from the same ``Literal``); nested
     dataclasses by their own :func:`_omega` schema."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return type(typing.get_args(hint)[0])
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        args = typing.get_args(hint)
-        if all(typing.get_origin(a) is Literal for a in args):  # Literal[..] | Literal[..]
-            return type(typing.get_args(args[0])[0])
-        return hint
-    if origin is list:
+    if allowed := _choices(hint):
+        return type(allowed[0])
+    if typing.get_origin(hint) is list:
         return list[_omega_hint(typing.get_args(hint)[0])]
     if dataclasses.is_dataclass(hint):
         return _omega(hint)
@@ -537,10 +532,11 @@ def _one_of(value: Any, choices: tuple, key: str) -> None:
 
 def _choices(hint: Any) -> tuple | None:
     """The values a ``Literal`` (or a union of them) allows; None for any other type."""
-    if typing.get_origin(hint) is Literal:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
         return typing.get_args(hint)
     args = typing.get_args(hint)
-    if args and all(typing.get_origin(a) is Literal for a in args):
+    if origin in (typing.Union, types.UnionType) and all(typing.get_origin(a) is Literal for a in args):
         return tuple(v for a in args for v in typing.get_args(a))
     return None
 

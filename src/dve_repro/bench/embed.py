@@ -28,9 +28,9 @@ from dve_repro.bench.harness import (
     median,
     print_table,
     timed,
-    train,
     write_outputs,
 )
+from dve_repro.train import run_training
 
 K_SEGMENTS = 4  # Algorithm 2 segments
 
@@ -110,7 +110,7 @@ def _train_once(overrides: list[str]) -> tuple[float, float, Path, dict]:
     from dve_repro.config import compose
 
     cfg = compose(overrides)
-    wall, path = timed(lambda: train(cfg, force=True))
+    wall, path = timed(lambda: Path(run_training(cfg, force=True)))
     done = artifacts.read_json(Path(path) / artifacts.DONE)
     return float(done.get("seconds", wall)), wall, Path(path), dict(done.get("profile", {}))
 

@@ -146,15 +146,6 @@ class Session:
             Console(stderr=True).print(msg, highlight=False)
 
     def overrides(self, *extra: str, threads: int | None = None) -> list[str]:
-        # run_training applies runtime.threads to the whole process: call it through train()
         return [f"runtime.out_root={self.scratch}", "runtime.progress=false",
                 f"runtime.threads={threads or self.threads}", *extra]
 
-
-def train(cfg, force: bool = False) -> Path:
-    """``run_training(cfg)`` inside ``torch_state.threads(cfg.runtime.threads)``: the thread
-    count run_training sets for the whole process is put back when it returns."""
-    from dve_repro.train import run_training
-
-    with torch_state.threads(cfg.runtime.threads):
-        return Path(run_training(cfg, force=force))

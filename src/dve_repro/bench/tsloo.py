@@ -25,9 +25,9 @@ from dve_repro.bench.harness import (
     median,
     print_table,
     timed,
-    train,
     write_outputs,
 )
+from dve_repro.train import run_training
 
 TSLOO_COLS = [
     "method", "kernel", "threads", "chunk", "setting", "n_jobs", "timed_jobs", "seconds", "jobs_per_s",
@@ -128,7 +128,7 @@ def bench_tsloo(out_dir: Path, quick: bool = False, *, threads: int = 2, repeats
         chunk = chunk or (4 if quick else cfg.tsloo.chunk_size)
         other_chunks = [c for c in (other_chunks or ((2,) if quick else (16, 32, 128))) if c != chunk]
         sweep = [s_ for s_ in settings if s_ in other_chunk_settings]
-        run = TrainedRun.load(train(cfg))
+        run = TrainedRun.load(run_training(cfg))
         fast = "stacked" if tsloo.stacked_mlp_grads(run.task) is not None else "vmap"
         points = tsloo.select_points(run, n_points, "uniform", 0)
         jobs = tsloo.make_jobs(run, points, settings, ["keep"])
