@@ -28,7 +28,9 @@ AdamW / momentum / clipped run), ``dvemb-paper`` (the paper's own choices beside
 fitted projection or other curvature: random Kronecker projection, empirical Fisher;
 :func:`paper_config`), ``unrolled-<c>`` (no projection, matrix-free, curvature c:
 ``hessian`` is the exact first-order unrolled influence, ``ef`` is DVEmb without projection,
-``none`` drops the Hessian term; ``unrolled-adamw-<c>`` through the linearised AdamW map).
+``none`` drops the Hessian term; ``unrolled-adamw-<c>`` through the linearised AdamW map;
+``unrolled-adamw-nl-<c>`` with the AdamW map taken exactly at the removal step and along the
+tail of its moment perturbation, the loss curvature still first order).
 Per-point baselines give one value whatever the setting: ``influence``, ``tracin``,
 ``grad-dot``.
 """
@@ -71,6 +73,8 @@ def method_payload(cfg: Config, method: str, k: int) -> dict:
     if method.startswith("unrolled-"):
         curvature = method.rsplit("-", 1)[1]
         payload["curvature"] = curvature
+        if method.startswith("unrolled-adamw-nl-"):
+            payload["nonlinear_threshold"] = float(cfg.baselines.adamw_nl_threshold)
         if curvature == "mc":
             payload["mc"] = {"mc_samples": cfg.embed.mc_samples, "mc_seed": cfg.embed.mc_seed}
     elif method == "influence":
@@ -168,6 +172,14 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = 
         )
     b = cfg.baselines
     if run.cfg.optim.name == "adamw":
+        for c in b.adamw_nonlinear:
+            if run.task.kind == "lm" and c == "gn":
+                continue
+            occ_scores[f"unrolled-adamw-nl-{c}"] = cached(
+                f"unrolled-adamw-nl-{c}",
+                lambda _, c=c: unroll.adamw_unrolled_scores(run, q(), c, cfg.embed.mc_samples, cfg.embed.mc_seed,
+                                                            nonlinear=b.adamw_nl_threshold),
+            )
         for kind in b.adamw_subspaces:
             occ_scores[f"dvemb-adamw-{kind}"] = _adamw_embedding_scores(cfg, run, kind, k)
     if not per_point:

@@ -254,6 +254,12 @@ class BaselinesConfig:
     adamw_subspaces: list[AdamWSubspace] = field(default_factory=lambda: ["mask", "kron"])
     adamw_curvature: Curvature = "ef"
     adamw_blocks: Blocks = "layer"
+    # AdamW runs: these curvatures' unrollings also run with the optimizer map taken exactly
+    # where a removal is not a small perturbation of it (unrolled-adamw-nl-<c>: the removal
+    # step exactly, and Adam's update along the tail of its moment perturbation on the
+    # coordinates where it changes v by at least adamw_nl_threshold × v; unroll.py).
+    adamw_nonlinear: list[Literal["hessian", "gn", "ef", "mc", "none"]] = field(default_factory=lambda: ["hessian"])
+    adamw_nl_threshold: float = 0.5
     # also score the paper's estimator (random Kronecker projection, empirical Fisher; the
     # configured sizes, seed and M blocks) as dvemb-paper when the configured embedding differs
     paper_dvemb: bool = True
@@ -616,7 +622,7 @@ def validate(cfg: Config) -> None:
     b = cfg.baselines
     _non_negative(b, "baselines", "if_damping")
     _positive(b, "baselines", "cg_iters")
-    _non_negative(b, "baselines", "bootstrap", "val_points")
+    _non_negative(b, "baselines", "bootstrap", "val_points", "adamw_nl_threshold")
     _validate_select(cfg)
     r = cfg.runtime
     _non_negative(r, "runtime", "threads")

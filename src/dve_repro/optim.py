@@ -137,7 +137,7 @@ class AdamWLinearization:
         b1, b2 = cfg.betas
         t = step + 1
         bc1, bc2 = 1 - b1**t, 1 - b2**t
-        self.b1, self.b2, self.bc2 = b1, b2, bc2
+        self.b1, self.b2, self.bc2, self.eps = b1, b2, bc2, cfg.eps
         self.decay = 1 - lr * cfg.weight_decay
         self.a = lr / bc1
         self.g = grads
@@ -192,6 +192,23 @@ class AdamWLinearization:
             in_v[k] = self.b2 * mu_v
             lgt[k] = (1 - self.b1) * mu_m + 2 * (1 - self.b2) * self.gt[k] * mu_v
         return in_t, in_m, in_v, self._clip(lgt)
+
+    def update_remainder(self, k: str, index: torch.Tensor, dm: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+        """Exact minus linearised change of θ' through the update term, at the flat
+        coordinates ``index`` [n] of parameter ``k``, for perturbations (δm', δv') [n] of the
+        moments *after* the step:
+
+            ρ = −a [(m'+δm') / (√((v'+δv')/b2) + ε) − m'/(√v̂ + ε)] − (−a D δm' + a K δv')
+
+        Adam's update is far from linear where δv' is a large share of v' (a removed point
+        that fed a coordinate alone: the update is scale-invariant there, so its derivative
+        along the point's own gradient is ~0 while leaving the point out removes it all)."""
+        m = self.m_new[k].reshape(-1)[index]
+        vhat = self.vhat[k].reshape(-1)[index]
+        cf = torch.sqrt(torch.clamp(vhat + dv / self.bc2, min=0.0))  # v' + δv' ≥ 0 up to rounding
+        exact = -self.a * ((m + dm) / (cf + self.eps) - m / (torch.sqrt(vhat) + self.eps))
+        linear = -self.a * self.D[k].reshape(-1)[index] * dm + self.a * self.K[k].reshape(-1)[index] * dv
+        return exact - linear
 
     def coefficients(self) -> tuple[Tensors, Tensors, Tensors]:
         """Per-coordinate (α, γ, D) of the direct path δg̃ ↦ δθ': δθ' ∋ α∘δg̃ with

@@ -86,7 +86,7 @@ def unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "hessian
 
 
 def adamw_unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "hessian", mc_samples: int = 1,
-                          mc_seed: int = 0) -> np.ndarray:
+                          mc_seed: int = 0, nonlinear: float | None = None) -> np.ndarray:
     """First-order influence through the AdamW map (SPEC §2 "Adam"): [N_occ, Q].
 
     The perturbation of leaving z out of step t lives in (θ, m, v); its effect on the final
@@ -99,6 +99,23 @@ def adamw_unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "h
     with λg the adjoint of the step's pre-clip batch gradient (clipping linearised,
     :class:`~dve_repro.optim.AdamWLinearization`) and C_t the curvature (true Hessian for
     ``hessian``, Gauss-Newton, empirical or Monte-Carlo Fisher, or none).
+
+    ``nonlinear=τ`` (a threshold ≥ 0; None is the first-order map above) takes the optimizer
+    exactly where leaving a point out is not a small perturbation of it, and the loss
+    curvature still to first order:
+
+    * the removal step itself: score(t, z) = λ_{t+1} · (F_t(s_t, g_t − w_z g_t(z)) − F_t(s_t, g_t)),
+      the exact change of (θ, m, v)_{t+1} through AdamW and clipping (keep convention);
+    * its moment perturbation afterwards: m and v are EMAs, so without new gradient
+      perturbations (δm, δv)_{k+1} = (β₁^{k−t} δm, β₂^{k−t} δv)_{t+1} exactly, and the update
+      m̂/(√v̂+ε) of step k is evaluated at the perturbed moments rather than linearised; the
+      difference (:meth:`~dve_repro.optim.AdamWLinearization.update_remainder`) is carried to
+      the final loss by λθ_{k+1}. This is done on the coordinates where |δv_{t+1}| ≥ τ v_{t+1}
+      (τ = 0: every coordinate the point feeds); elsewhere the remainder is second order in a
+      relative perturbation below τ.
+
+    The Hessian-driven perturbations of later gradients stay first order, as above. Where the
+    loss is linear in θ (no curvature) this is exact retraining (the oracle test).
     """
     from dve_repro.optim import AdamWLinearization
     from dve_repro.train import step_grads
@@ -110,7 +127,9 @@ def adamw_unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "h
     lt = {k: t.clone() for k, t in queries.items()}
     lm = {k: torch.zeros_like(t) for k, t in queries.items()}
     lv = {k: torch.zeros_like(t) for k, t in queries.items()}
-    with ui.bar(f"unroll adamw ({curvature})", total=run.T, unit="step") as bar:
+    tails = None if nonlinear is None else _removal_tails(run, nonlinear)
+    label = curvature if nonlinear is None else f"{curvature}, nonlinear map"
+    with ui.bar(f"unroll adamw ({label})", total=run.T, unit="step") as bar:
         for a, b in reversed(list(itertools.pairwise(run.checkpoints))):
             seg: list[tuple[Tensors, Tensors]] = []
             replay(run, start=a, stop=b, with_state=True, before_step=lambda t, p, s: seg.append((p, s)))  # noqa: B023
@@ -120,14 +139,123 @@ def adamw_unrolled_scores(run: TrainedRun, queries: Tensors, curvature: str = "h
                 n = x.shape[0]
                 _, g = step_grads(task, theta, x, y, traj.weights(t, dtype=task.weight_dtype, device=run.device))
                 lin = AdamWLinearization(theta, state, g, float(traj.lrs[t]), t, o)
+                if tails is not None:  # λ (θ, m, v)_{t+1} are at hand before the adjoint step
+                    w = traj.weights(t, dtype=task.weight_dtype, device=run.device)
+                    out[offsets[t] : offsets[t + 1]] += _exact_removal_scores(task, theta, state, g, x, y, w,
+                                                                             float(traj.lrs[t]), t, o, lt, lm, lv)
+                    tails.add_remainders(out, t, lin, lt)
                 lt, lm, lv, lg = lin.adjoint(lt, lm, lv)
                 u, cv = _products(task, theta, x, y, lg, n, curvature, mc_samples, mc_step_seed(mc_seed, t))
                 if cv is not None:
                     lt = {k: lt[k] + cv[k] for k in lt}
-                out[offsets[t] : offsets[t + 1]] = (-u / n).T.cpu().numpy()
+                if tails is None:
+                    out[offsets[t] : offsets[t + 1]] = (-u / n).T.cpu().numpy()
                 seg[t - a] = None  # type: ignore[call-overload]  # free θ_t as we go
                 bar.update(1)
     return out
+
+
+def _removals(task, theta: Tensors, state: Tensors, g: Tensors, x, y, w: torch.Tensor, lr: float, t: int, o):
+    """For each point i of step t's batch, in batch order: the exact change of the AdamW step's
+    output when i is left out (keep convention), F_t(s_t, g − w_i g_i) − F_t(s_t, g), as
+    (δθ', δm', δv') dicts of the parameter shapes."""
+    from dve_repro.optim import update
+
+    per = per_sample_grads(task.per_sample_loss, theta, x, y)
+    p1, s1 = update(theta, g, state, lr, t, o)
+    for i in range(x.shape[0]):
+        p0, s0 = update(theta, {k: g[k] - w[i] * per[k][i] for k in g}, state, lr, t, o)
+        yield ({k: p0[k] - p1[k] for k in g}, {k: s0[f"m.{k}"] - s1[f"m.{k}"] for k in g},
+               {k: s0[f"v.{k}"] - s1[f"v.{k}"] for k in g}, s1)
+
+
+def _exact_removal_scores(task, theta, state, g, x, y, w, lr, t, o, lt, lm, lv) -> np.ndarray:
+    """Scores [B, Q] of step t's points: λ(θ, m, v)_{t+1} · the exact change of leaving each out."""
+    rows = []
+    for dt, dm, dv, _ in _removals(task, theta, state, g, x, y, w, lr, t, o):
+        q = sum(_dot(lt[k], dt[k]) + _dot(lm[k], dm[k]) + _dot(lv[k], dv[k]) for k in lt)
+        rows.append(q)
+    return torch.stack(rows).cpu().numpy()
+
+
+def _dot(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """⟨λ_q, d⟩ for every query row q of λ [Q, ...] and d [...]: [Q]."""
+    return (lam * d).reshape(lam.shape[0], -1).sum(1)
+
+
+class _Tails:
+    """The moment perturbations (δm, δv)_{t+1} of every occurrence's exact removal, kept
+    sparse: per parameter, the flat coordinates where |δv| ≥ τ v (the only places where the
+    update's nonlinearity is more than second order in a small relative change). Entries are
+    sorted by removal step, so "removed before step t" is a prefix."""
+
+    def __init__(self, n_occ: int, T: int, betas: tuple[float, float]):
+        self.n_occ, self.T, (self.b1, self.b2) = n_occ, T, betas
+        self.parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        self.entries = 0
+
+    def add(self, row: int, t: int, dm: Tensors, dv: Tensors, v_new: Tensors, tau: float) -> None:
+        """Occurrence ``row``, removed at step ``t`` (added in step order)."""
+        for k in dm:
+            keep = (dv[k] != 0) | (dm[k] != 0)
+            if tau > 0:
+                keep &= dv[k].abs() >= tau * v_new[k]
+            index = torch.nonzero(keep.reshape(-1)).squeeze(1)
+            if index.numel():
+                self.parts.setdefault(k, []).append((index.to(torch.int32), torch.full_like(index, row, dtype=torch.int32),
+                                                     torch.full_like(index, t, dtype=torch.int32),
+                                                     dm[k].reshape(-1)[index], dv[k].reshape(-1)[index]))
+                self.entries += int(index.numel())
+
+    def freeze(self) -> None:
+        self.cat = {}
+        for k, parts in self.parts.items():
+            index, row, step, dm, dv = (torch.cat(c) for c in zip(*parts, strict=True))
+            # entries removed before step t: the first `before[t]` (parts came in step order)
+            before = torch.searchsorted(step, torch.arange(self.T + 1, dtype=torch.int32)).tolist()
+            self.cat[k] = (index.long(), row.long(), step, dm, dv, before)
+        self.parts = {}
+
+    def add_remainders(self, out: np.ndarray, t: int, lin, lt: Tensors) -> None:
+        """out[r] += λθ_{t+1} · ρ_t(r) for every occurrence r removed before step t (its
+        moment perturbation decayed to step t's output, through the exact update)."""
+        total = None
+        for k, (index, row, step, dm, dv, before) in self.cat.items():
+            c = before[t]
+            if not c:
+                continue
+            age = (t - step[:c]).to(dm.dtype)
+            rho = lin.update_remainder(k, index[:c], dm[:c] * self.b1**age, dv[:c] * self.b2**age)
+            lam = lt[k].reshape(lt[k].shape[0], -1)[:, index[:c]] * rho  # [Q, c]
+            part = torch.zeros(lam.shape[0], self.n_occ, dtype=lam.dtype, device=lam.device).index_add_(1, row[:c], lam)
+            total = part if total is None else total + part
+        if total is not None:
+            out += total.T.cpu().numpy()
+
+
+def _removal_tails(run: TrainedRun, tau: float) -> _Tails:
+    """One forward replay: every occurrence's exact removal (δm, δv)_{t+1}, kept where |δv| ≥ τ v."""
+    from dve_repro.train import step_grads
+
+    if tau < 0:
+        raise DveError(f"the nonlinear-map threshold must be ≥ 0 (got {tau})")
+    task, traj, o = run.task, run.traj, run.cfg.optim
+    offsets = traj.offsets()
+    tails = _Tails(int(offsets[-1]), run.T, o.betas)
+
+    def collect(t: int, theta: Tensors, state: Tensors) -> None:
+        x, y = task.batch(traj.batches[t])
+        w = traj.weights(t, dtype=task.weight_dtype, device=run.device)
+        _, g = step_grads(task, theta, x, y, w)
+        for i, (_, dm, dv, s1) in enumerate(_removals(task, theta, state, g, x, y, w, float(traj.lrs[t]), t, o)):
+            tails.add(int(offsets[t]) + i, t, dm, dv, {k: s1[f"v.{k}"] for k in dm}, tau)
+
+    with ui.bar("exact removal steps", total=run.T, unit="step") as bar:
+        replay(run, start=0, stop=run.T, with_state=True,
+               before_step=lambda t, p, s: (collect(t, p, s), bar.update(1)))
+    tails.freeze()
+    ui.log(f"nonlinear map: {tails.entries:,} tail coordinates over {tails.n_occ:,} occurrences (τ = {tau})")
+    return tails
 
 
 def _step(task, theta, x, y, v, w, lr, n, curvature, wd, mc_samples, seed):
