@@ -18,6 +18,8 @@ whole batch: a replay on one process equals an N-rank run up to that rounding (m
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +139,12 @@ def shutdown() -> None:
     """Leave the process group (end of a torchrun command); a no-op on one process."""
     global _CONTEXT
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "gloo":
+            # Ranks meet before the group is torn down: a rank that destroys its gloo group
+            # while a peer is still in the last collective can abort the peer (SIGABRT, seen
+            # once in a 2-rank test). A peer that has already failed is not waited for long.
+            with contextlib.suppress(RuntimeError):
+                torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         torch.distributed.destroy_process_group()
     _CONTEXT = None
 

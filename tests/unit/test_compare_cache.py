@@ -154,3 +154,15 @@ def test_damaged_caches_are_recomputed_and_an_interrupted_comparison_resumes(tin
         np.testing.assert_array_equal(np.load(folder / SCORES), scores[m])
     for a, b in zip(_tables(tmp_path), first, strict=True):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_the_nonlinear_threshold_keys_the_nonlinear_unrolling_alone():
+    """``baselines.adamw_nl_threshold`` enters the cache key of ``unrolled-adamw-nl-*`` and no other."""
+    from dve_repro.compare import method_payload
+
+    a = compose(["experiment=mnist_mlp_adamw"])
+    b = compose(["experiment=mnist_mlp_adamw", "baselines.adamw_nl_threshold=0.1"])
+    for method in ("unrolled-adamw-hessian", "influence", "tracin"):
+        assert method_payload(a, method, 3) == method_payload(b, method, 3)
+    nl_a, nl_b = method_payload(a, "unrolled-adamw-nl-hessian", 3), method_payload(b, "unrolled-adamw-nl-hessian", 3)
+    assert nl_a != nl_b and nl_a["curvature"] == "hessian" and nl_b["nonlinear_threshold"] == 0.1
