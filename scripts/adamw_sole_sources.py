@@ -92,15 +92,42 @@ def run(overrides: list[str], results: Path | None) -> Path:
                          "spearman_lo": lo, "spearman_hi": hi})
     table = pd.DataFrame(rows)
     artifacts.save_table(results / "sole_sources.csv", table)
+    coverage = mask_coverage(cfg, run_, wanted, {int(t) for t in tokens.ravel()})
     md = ["# Where first-order AdamW influence breaks: sole gradient sources of embedding rows", "",
           f"Command: `python scripts/adamw_sole_sources.py {' '.join(overrides)}`", "",
           "Single-epoch TSLOO jobs split by whether the removed sequence is, at its step, the first and only "
           "sequence that feeds the embedding row of a token the validation set contains (Adam's update of that "
           "row is scale-invariant in its only gradient: first order sees ~0, retraining removes the whole "
           f"update). Spearman with a {b.bootstrap}-resample bootstrap interval.", "",
-          markdown_table(table, "{:.3f}", columns=["method", "jobs", "n", "spearman", "spearman_lo", "spearman_hi"])]
+          markdown_table(table, "{:.3f}", columns=["method", "jobs", "n", "spearman", "spearman_lo", "spearman_hi"]),
+          "", "## The stored embedding's coordinate mask on the vocabulary tables", "",
+          "Rows of each vocabulary-sized parameter that the `dvemb-adamw-mask` subspace keeps "
+          "(`embed.adamw_k_out` seeded rows), and how many of them are tokens the validation set or the training "
+          "set contains: a perturbation confined to the mask cannot reach the other rows.", "",
+          markdown_table(coverage, "{:d}")]
     artifacts.write_text(results / "sole_sources.md", "\n".join(md))
     return results / "sole_sources.md"
+
+
+def mask_coverage(cfg, run, val_tokens: set[int], train_tokens: set[int]) -> pd.DataFrame:
+    """Per parameter with one row per vocabulary entry: the AdamW mask subspace's rows, and how
+    many are validation / training tokens (the subspace the comparison's dvemb-adamw-mask uses)."""
+    import dataclasses
+
+    from dve_repro.embed_adamw import SubspaceFeaturizer
+
+    embed = dataclasses.replace(cfg.embed, optimizer_aware=True, adamw_subspace="mask")
+    sub = SubspaceFeaturizer.for_config(dataclasses.replace(cfg, embed=embed), run).sub
+    vocab = cfg.model.vocab_size
+    rows = []
+    for name in sub.names:
+        if sub.shapes[name][0] != vocab:
+            continue
+        kept = {int(r) for r in sub.rows[name].tolist()}
+        rows.append({"parameter": name, "rows": vocab, "mask_rows": len(kept),
+                     "validation_tokens": len(val_tokens), "mask_rows_validation": len(kept & val_tokens),
+                     "training_tokens": len(train_tokens), "mask_rows_training": len(kept & train_tokens)})
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":
