@@ -337,9 +337,16 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "if-no-1-over-n",
         "baselines.py",
-        "values = _dot_rows(run, params, x) / n",
-        "values = _dot_rows(run, params, x)",
+        'values = _dot_rows(run, params, x, label="influence (dot products)") / n',
+        'values = _dot_rows(run, params, x, label="influence (dot products)")',
         "influence function without the 1/n of one point's removal",
+    ),
+    M(
+        "chunk-uncapped",
+        "baselines.py",
+        "return max(1, min(default, CHUNK_BYTES // need))",
+        "return default",
+        "the memory cap on a chunk of training points ignored (an LM's logits unbounded)",
     ),
     M(
         "tracin-final-checkpoint",
@@ -351,8 +358,8 @@ CATALOGUE: tuple[Mutant, ...] = (
     M(
         "grad-dot-initial",
         "baselines.py",
-        "return _dot_rows(run, run.final_params(), queries)",
-        "return _dot_rows(run, run.load_params(0)[0], queries)",
+        'return _dot_rows(run, run.final_params(), queries, label="grad-dot")',
+        'return _dot_rows(run, run.load_params(0)[0], queries, label="grad-dot")',
         "gradient dot product at θ_0",
     ),
     M(

@@ -26,24 +26,51 @@ from dve_repro.unroll import query_gradients
 Tensors = dict[str, torch.Tensor]
 
 
+# Bytes one chunk of training points may take in the batched jvp / forward-over-reverse
+# products below (every query at once). A language model's are its logits, S·V numbers per
+# sequence, query and buffer: 6.4 MB per 16-token sequence of the Pythia vocabulary in
+# float64 (without the cap, pythia_tiny_adamw's 160 sequences took > 22 GB).
+CHUNK_BYTES = 2 << 30
+LOGIT_BUFFERS = 8  # logit-sized buffers per query alive at once (logits, softmax, tangents, …)
+
+
+def chunk_size(task, n_queries: int, default: int) -> int:
+    """Training points per chunk: ``default``, or fewer where one chunk's logit buffers for
+    ``n_queries`` queries would pass ``CHUNK_BYTES`` (a language model's vocabulary-wide
+    logits at every position; a classifier's few logits never bind)."""
+    per_point = task.n_classes * (int(task.x_train.shape[1]) if task.kind == "lm" else 1)
+    itemsize = torch.empty((), dtype=task.weight_dtype).element_size()
+    need = per_point * itemsize * max(1, n_queries) * LOGIT_BUFFERS
+    return max(1, min(default, CHUNK_BYTES // need))
+
+
+def _n_queries(V: Tensors) -> int:
+    return int(next(iter(V.values())).shape[0])
+
+
 @quiet_forward_ad
-def _dot_rows(run: TrainedRun, params: Tensors, V: Tensors, chunk: int = 512) -> np.ndarray:
-    """[n_train, Q] of g_z(θ)ᵀ v_q, one jvp of the per-sample loss vector per query."""
+def _dot_rows(run: TrainedRun, params: Tensors, V: Tensors, chunk: int = 512,
+              label: str = "gradient dot products") -> np.ndarray:
+    """[n_train, Q] of g_z(θ)ᵀ v_q, one jvp of the per-sample loss vector per query, over
+    chunks of training points (:func:`chunk_size`); ``label`` names the progress bar."""
     task = run.task
+    chunk = chunk_size(task, _n_queries(V), chunk)
     out = []
-    for s in range(0, task.n_train, chunk):
-        idx = np.arange(s, min(s + chunk, task.n_train))
-        x, y = task.batch(idx)
+    with ui.bar(label, total=task.n_train, unit="pt") as bar:
+        for s in range(0, task.n_train, chunk):
+            idx = np.arange(s, min(s + chunk, task.n_train))
+            x, y = task.batch(idx)
 
-        def losses(p, x=x, y=y):
-            return task.per_sample_loss(p, x, y)
+            def losses(p, x=x, y=y):
+                return task.per_sample_loss(p, x, y)
 
-        out.append(vmap(lambda vq, f=losses: jvp(f, (params,), (vq,))[1])(V).T)
+            out.append(vmap(lambda vq, f=losses: jvp(f, (params,), (vq,))[1])(V).T)
+            bar.update(len(idx))
     return torch.cat(out).cpu().numpy()
 
 
 def grad_dot(run: TrainedRun, queries: Tensors) -> np.ndarray:
-    return _dot_rows(run, run.final_params(), queries)
+    return _dot_rows(run, run.final_params(), queries, label="grad-dot")
 
 
 def tracin(run: TrainedRun, x_q: torch.Tensor, y_q: torch.Tensor, k: int) -> np.ndarray:
@@ -53,7 +80,7 @@ def tracin(run: TrainedRun, x_q: torch.Tensor, y_q: torch.Tensor, k: int) -> np.
     for c in [c for c in run.checkpoints if c < run.T]:
         params = run.load_params(c)[0]
         u = {n: v[: 1 + k] for n, v in query_gradients(run, params, x_q, y_q).items()}
-        term = float(run.traj.lrs[c]) * _dot_rows(run, params, u)
+        term = float(run.traj.lrs[c]) * _dot_rows(run, params, u, label=f"tracin (checkpoint {c})")
         total = term if total is None else total + term
     return total
 
@@ -63,6 +90,7 @@ def _hvp_train(run: TrainedRun, params: Tensors, V: Tensors, chunk: int = 1000) 
     """(H v_q) for the Hessian of the mean training loss, all queries at once."""
     task = run.task
     n = task.n_train
+    chunk = chunk_size(task, _n_queries(V), chunk)
     acc = {k: torch.zeros_like(v) for k, v in V.items()}
     for s in range(0, n, chunk):
         idx = np.arange(s, min(s + chunk, n))
@@ -111,5 +139,5 @@ def influence_function(run: TrainedRun, queries: Tensors, damping: float, iters:
             beta = rs_new / rs
             p = {k: r[k] + shape(beta, r[k]) * p[k] for k in r}
             rs = rs_new
-    values = _dot_rows(run, params, x) / n
+    values = _dot_rows(run, params, x, label="influence (dot products)") / n
     return values, {"cg_iterations": it, "cg_rel_residual": float((rs.sqrt() / b_norm).max())}

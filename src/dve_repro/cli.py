@@ -279,8 +279,10 @@ def compare_tsloo(
     shards: int = typer.Option(1, "--shards", min=1, help="Compute the ground truth as N launcher jobs (shards "
                                "i/N, run by Hydra's launcher; see --multirun), check all finished, then compare."),
     per_point: bool = typer.Option(None, "--baselines/--no-baselines", help="Run the per-point baselines "
-                                   "(influence function, TracIn, grad-dot). Default: yes for classifiers, no for "
-                                   "language models. Skip the unrolled methods with `baselines.curvatures=[]`."),
+                                   "(influence function, TracIn, grad-dot). Default: all three for classifiers, TracIn and "
+                                   "grad-dot for language models (whose influence function needs a Hessian-vector "
+                                   "product over the training set per CG iteration). Skip the unrolled methods with "
+                                   "`baselines.curvatures=[]`."),
 ) -> None:
     from dve_repro.compare import run_compare, run_sweep
 

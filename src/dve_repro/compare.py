@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,10 @@ from dve_repro.stats import correlation_ci, pearson, spearman
 from dve_repro.tables import markdown_table
 
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
+# A language model's default: the influence function's conjugate gradient costs a pass of
+# Hessian-vector products over the training set per iteration (pythia_tiny_adamw: ~1 min per
+# iteration at 1 thread, against ~20 s for all of grad-dot); `--baselines` adds it.
+LM_PER_POINT_METHODS = ("tracin", "grad-dot")
 
 
 SCORES = "scores.npy"
@@ -120,14 +125,28 @@ def cached_scores(cfg: Config, run: TrainedRun, method: str, k: int, compute, fo
     return value
 
 
+def point_methods(task_kind: str, per_point: bool | Sequence[str] | None) -> tuple[str, ...]:
+    """The per-point baselines to run: True all of ``PER_POINT_METHODS``, False none, names
+    as given (checked), None the default for the task (a language model's leaves out the
+    influence function, ``LM_PER_POINT_METHODS``); in the table's order."""
+    if per_point is None:
+        per_point = True if task_kind != "lm" else LM_PER_POINT_METHODS
+    names = PER_POINT_METHODS if per_point is True else () if per_point is False else tuple(per_point)
+    unknown = sorted(set(names) - set(PER_POINT_METHODS))
+    if unknown:
+        raise DveError(f"unknown per-point baseline(s) {unknown}; choose from {list(PER_POINT_METHODS)}")
+    return tuple(m for m in PER_POINT_METHODS if m in names)
+
+
 def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = False,
-                  per_point: bool = True, folders: dict | None = None) -> tuple[dict, dict]:
+                  per_point: bool | Sequence[str] = True, folders: dict | None = None) -> tuple[dict, dict]:
     """Per-occurrence [N_occ, Q] and per-index [n_train, Q] scores of every method.
 
     Query 0 is the mean validation loss; queries 1..K the first K validation points.
-    ``baselines.curvatures=[]`` skips the unrolled methods and ``per_point=False`` the
-    per-point baselines (influence, TracIn, grad-dot): at language-model scale they cost
-    full-dimension Hessian-vector products or per-sample gradients over the whole model.
+    ``baselines.curvatures=[]`` skips the unrolled methods; ``per_point`` says which per-point
+    baselines run: True all of ``PER_POINT_METHODS``, False none, or their names (at
+    language-model scale the influence function's CG costs a full-dimension Hessian-vector
+    product over the training set per iteration).
     ``dvemb`` is read from the embedding's folder; every other method from its own cache
     (:func:`cached_scores`; ``force`` recomputes them). ``folders`` collects {method: folder}.
     """
@@ -182,17 +201,17 @@ def method_scores(cfg: Config, run: TrainedRun, embed_path: Path, force: bool = 
             )
         for kind in b.adamw_subspaces:
             occ_scores[f"dvemb-adamw-{kind}"] = _adamw_embedding_scores(cfg, run, kind, k)
-    if not per_point:
-        return occ_scores, idx_scores
+    names = point_methods(run.task.kind, per_point)
 
     def influence(folder: Path) -> np.ndarray:
         values, diag = baselines.influence_function(run, q(), b.if_damping, b.cg_iters, b.cg_tol)
         artifacts.write_json(folder / "influence_cg.json", {**diag, "damping": b.if_damping, "tol": b.cg_tol})
         return values
 
-    idx_scores["influence"] = cached("influence", influence)
-    idx_scores["tracin"] = cached("tracin", lambda _: baselines.tracin(run, x_q, y_q, k))
-    idx_scores["grad-dot"] = cached("grad-dot", lambda _: baselines.grad_dot(run, q()))
+    compute = {"influence": influence, "tracin": lambda _: baselines.tracin(run, x_q, y_q, k),
+               "grad-dot": lambda _: baselines.grad_dot(run, q())}
+    for name in names:
+        idx_scores[name] = cached(name, compute[name])
     return occ_scores, idx_scores
 
 
@@ -331,7 +350,8 @@ def run_compare(cfg: Config, results_dir: Path, force: bool = False, shard: str 
                 figures: bool = True, per_point: bool | None = None, command: str | None = None) -> Path | None:
     """Train → embed → TSLOO → methods → tables and figures in ``results_dir``. Returns it
     (None when only a shard of the ground truth was computed). ``per_point`` runs the
-    per-point baselines; None = yes for classifiers, no for language models. ``command``
+    per-point baselines; None = all for classifiers, TracIn and grad-dot for language models
+    (``LM_PER_POINT_METHODS``). ``command``
     (the command line that asked for it) goes to ``COMMAND.txt``."""
     from dve_repro.embed_stage import run_embedding
     from dve_repro.train import run_training
@@ -416,10 +436,9 @@ def _compare(cfg: Config, run: TrainedRun, gt_path: Path, embed_path: Path, resu
     from dve_repro.tsloo import load_ground_truth
 
     jobs, truth = load_ground_truth(gt_path)
-    if per_point is None:
-        per_point = run.task.kind != "lm"
     folders: dict[str, Path] = {}
-    occ_scores, idx_scores = method_scores(cfg, run, embed_path, force, per_point, folders)
+    occ_scores, idx_scores = method_scores(cfg, run, embed_path, force, point_methods(run.task.kind, per_point),
+                                           folders)
     est = estimates(run, jobs, occ_scores, idx_scores)
     k = next(iter(est.values())).shape[1] - 1
     truth = truth[:, : 1 + k]

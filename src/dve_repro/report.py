@@ -321,7 +321,7 @@ def _adamw(folder: str) -> Callable[[Path], Finding]:
         setting = "single"
         names = [m for m in ("dvemb-sgd-proxy", "unrolled-adamw-hessian", "unrolled-adamw-nl-hessian",
                              "unrolled-adamw-gn", "unrolled-adamw-mc", "dvemb-adamw-mask", "dvemb-adamw-kron",
-                             "influence") if _rho(s, m, setting) is not None]
+                             "influence", "tracin", "grad-dot") if _rho(s, m, setting) is not None]
         rows = {m: _rho(s, m, setting) for m in names}
         if not rows:
             return Finding("—", "not run here", f"{path} has no AdamW comparison rows")

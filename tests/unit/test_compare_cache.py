@@ -166,3 +166,19 @@ def test_the_nonlinear_threshold_keys_the_nonlinear_unrolling_alone():
         assert method_payload(a, method, 3) == method_payload(b, method, 3)
     nl_a, nl_b = method_payload(a, "unrolled-adamw-nl-hessian", 3), method_payload(b, "unrolled-adamw-nl-hessian", 3)
     assert nl_a != nl_b and nl_a["curvature"] == "hessian" and nl_b["nonlinear_threshold"] == 0.1
+
+
+def test_per_point_baselines_by_default_and_on_request():
+    """Classifiers run every per-point baseline; a language model leaves out the influence
+    function unless asked (`--baselines`); names come back in the table's order, unknown
+    ones are refused."""
+    from dve_repro.compare import point_methods
+    from dve_repro.errors import DveError
+
+    assert point_methods("classify", None) == ("influence", "tracin", "grad-dot")
+    assert point_methods("lm", None) == ("tracin", "grad-dot")
+    assert point_methods("lm", True) == ("influence", "tracin", "grad-dot")
+    assert point_methods("classify", False) == ()
+    assert point_methods("lm", ["grad-dot", "tracin"]) == ("tracin", "grad-dot")
+    with pytest.raises(DveError, match="unknown per-point"):
+        point_methods("lm", ["tracing"])

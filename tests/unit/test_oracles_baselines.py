@@ -113,3 +113,35 @@ def test_influence_function_is_a_damped_dense_solve(run, ref):
         @ torch.linalg.solve(H + 2 * DAMPING * torch.eye(H.shape[0], dtype=torch.float64), U)
     ).numpy()
     assert np.abs(other / task.n_train - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_a_memory_capped_chunk_gives_the_same_baselines(run, ref, monkeypatch):
+    """``baselines.CHUNK_BYTES`` small enough to take one training point per chunk: the dot
+    products and the Hessian-vector products only regroup their sums (equal to rounding), and
+    the CG solve still matches the dense one."""
+    from dve_repro import baselines
+
+    before = grad_dot(run, _q(run)), influence_function(run, _q(run), DAMPING, iters=200, tol=1e-12)[0]
+    assert baselines.chunk_size(run.task, 1 + K, 512) == 512  # a classifier's logits never bind
+    monkeypatch.setattr(baselines, "CHUNK_BYTES", 1)
+    assert baselines.chunk_size(run.task, 1 + K, 512) == 1
+    after = grad_dot(run, _q(run)), influence_function(run, _q(run), DAMPING, iters=200, tol=1e-12)[0]
+    _close(after[0], before[0], DOT_RTOL, "grad-dot in chunks of one")
+    _close(after[1], before[1], IF_RTOL, "influence in chunks of one")
+    theta = ref["thetas"][-1]
+    _close(after[0], (ref["G"](theta) @ ref["queries"](theta)).numpy(), DOT_RTOL, "grad-dot")
+
+
+def test_chunk_size_caps_a_language_models_logits():
+    """The Pythia vocabulary at 16 tokens in float64, five queries: 8 sequences per 2 GiB."""
+    from types import SimpleNamespace
+
+    from dve_repro.baselines import chunk_size
+
+    lm = SimpleNamespace(kind="lm", n_classes=50304, x_train=torch.zeros(160, 16, dtype=torch.long),
+                         weight_dtype=torch.float64)
+    assert chunk_size(lm, 5, 512) == (2 << 30) // (50304 * 16 * 8 * 5 * 8) == 8
+    assert chunk_size(lm, 5, 4) == 4  # never more than asked
+    huge = SimpleNamespace(kind="lm", n_classes=50304, x_train=torch.zeros(1, 4096, dtype=torch.long),
+                           weight_dtype=torch.float64)
+    assert chunk_size(huge, 5, 512) == 1  # at least one point
