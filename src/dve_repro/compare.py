@@ -54,8 +54,8 @@ from dve_repro.tables import markdown_table
 
 PER_POINT_METHODS = ("influence", "tracin", "grad-dot")
 # A language model's default: the influence function's conjugate gradient costs a pass of
-# Hessian-vector products over the training set per iteration (pythia_tiny_adamw: ~1 min per
-# iteration at 1 thread, against ~20 s for all of grad-dot); `--baselines` adds it.
+# Hessian-vector products over the training set per iteration (pythia_tiny_adamw, 1 thread:
+# 56 s per iteration, up to cg_iters = 100, against 24 s for all of grad-dot); `--baselines` adds it.
 LM_PER_POINT_METHODS = ("tracin", "grad-dot")
 
 
