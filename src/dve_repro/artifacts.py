@@ -455,6 +455,18 @@ def _holder_text() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} ({cmd[:160]}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
 
 
+def _holder_of(fd: int, tries: int = 40) -> str:
+    """The holder's line in a lock file someone else has locked. The holder writes it just
+    after taking the lock, so a file read empty is read again for up to a second before it
+    is named "another process" (without this, a refusal in that window named no one)."""
+    for _ in range(tries):
+        text = os.pread(fd, 400, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.025)
+    return "another process"
+
+
 class FolderLock:
     """An exclusive ``flock`` on ``.<folder>.lock`` beside ``folder``.
 
@@ -492,7 +504,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+                holder = _holder_of(fd)
                 os.close(fd)
                 if time.monotonic() < deadline:
                     if not said:
